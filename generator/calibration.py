@@ -134,8 +134,9 @@ def _ranges_to_geometry(ranges: np.ndarray, tile_size: int) -> tuple[np.ndarray,
 
 
 def _as_numpy(geometry) -> np.ndarray:
+    """Arrays and tensors of any device and dtype (bfloat16 included, which numpy lacks) as a numpy array."""
     if isinstance(geometry, torch.Tensor):
-        geometry = geometry.detach().cpu().numpy()
+        geometry = geometry.detach().to("cpu", torch.float64).numpy()
     return np.asarray(geometry)
 
 

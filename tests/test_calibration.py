@@ -218,6 +218,7 @@ def test_accepts_torch_tensors_and_extra_columns():
     from_numpy = calibrate_layouts(geometry)
     from_torch = calibrate_layouts(torch.from_numpy(wide).float())
     np.testing.assert_array_equal(from_numpy.ranges, from_torch.ranges)
+    assert calibrate_layouts(torch.from_numpy(geometry).bfloat16()).geometry.shape == (3, 128, 5)
 
 
 @settings(max_examples=200, deadline=None)
