@@ -1,0 +1,226 @@
+"""The entropy partition (tokenizer.partition) against the released code's outputs and its own contract."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenizer.partition import (
+    Partition,
+    bias_from_boxes,
+    entropy_partition,
+    entropy_partition_batch,
+    grey_image,
+    max_tokens,
+)
+from tokenizer.partition import _RegionScorer
+
+IMAGES = range(6)
+TOKEN_COUNTS = (64, 128, 256)
+
+
+def _load_baseline():
+    """The restatement of the released per-image loop that the benchmark measures against."""
+    spec = importlib.util.spec_from_file_location("partition_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "partition.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+baseline = _load_baseline()
+
+
+@pytest.fixture(scope="module")
+def fixtures(official_dir):
+    with np.load(official_dir / "partition.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    meta = json.loads((official_dir / "partition.json").read_text())
+    assert (meta["minhw"], meta["weight"]) == (8, 2.5)
+    return arrays
+
+
+def _assert_same(partition_geometry, partition_boxes, fixtures, suffix):
+    np.testing.assert_array_equal(partition_geometry, fixtures[f"gpscodes_{suffix}"], strict=True)
+    np.testing.assert_array_equal(partition_boxes, fixtures[f"regions_{suffix}"], strict=True)
+
+
+def _pixel_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Float RoI boxes back to inclusive integer pixel ranges (x0, y0, x1, y1)."""
+    scale = np.array([width - 1, height - 1, width - 1, height - 1], np.float64)
+    return np.rint((boxes.astype(np.float64) + 1) / 2 * scale).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bit-for-bit reproduction of the released partitions
+
+
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("index", IMAGES)
+def test_matches_released_partition(fixtures, index, num_tokens):
+    partition = entropy_partition(fixtures[f"image_{index}"], num_tokens)
+    _assert_same(partition.geometry, partition.boxes, fixtures, f"{index}_{num_tokens}")
+    assert partition.tile_grid == (1, 1) and partition.tiles_per_side == 1
+
+
+def test_matches_released_partition_with_bias(fixtures):
+    partition = entropy_partition(fixtures["image_0"], 128, bias=fixtures["cdbias_0"])
+    _assert_same(partition.geometry, partition.boxes, fixtures, "0_128_cdbias")
+    # The bias really changes the outcome, so the test above is not passing by accident.
+    assert not np.array_equal(partition.boxes, fixtures["regions_0_128"])
+
+
+def test_matches_released_partition_of_512_image(fixtures):
+    partition = entropy_partition(fixtures["image_512"], 128)
+    _assert_same(partition.geometry, partition.boxes, fixtures, "512_128")
+    assert partition.tiles_per_side == 2 and partition.geometry.shape == (512, 5)
+
+
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+def test_batch_matches_released_partitions(fixtures, num_tokens):
+    images = np.stack([fixtures[f"image_{index}"] for index in IMAGES])
+    geometry, boxes = entropy_partition_batch(images, num_tokens)
+    assert geometry.shape == (6, num_tokens, 5) and boxes.shape == (6, num_tokens, 4)
+    for index in IMAGES:
+        _assert_same(geometry[index], boxes[index], fixtures, f"{index}_{num_tokens}")
+
+
+def test_batch_with_bias_and_tiles(fixtures):
+    """Lockstep over several multi-tile images and per-image biases equals image-by-image calls."""
+    images = np.stack([fixtures["image_512"], fixtures["image_512"][::-1].copy()])
+    bias = np.stack([np.zeros((512, 512), np.float32), np.tile(fixtures["cdbias_0"], (2, 2))])
+    geometry, boxes = entropy_partition_batch(images, 64, bias=bias)
+    for index in range(2):
+        single = entropy_partition(images[index], 64, bias=bias[index])
+        np.testing.assert_array_equal(geometry[index], single.geometry)
+        np.testing.assert_array_equal(boxes[index], single.boxes)
+    assert not np.array_equal(geometry[0], geometry[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Agreement with the released algorithm on inputs the fixtures do not cover
+
+
+def _random_image(rng, height, width):
+    """Smooth patches, flat areas and noise: every kind of histogram, and many magnitudes near bin edges."""
+    smooth = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3)).astype(np.float64)
+    image = np.kron(smooth, np.ones((8, 8, 1)))[:height, :width]
+    noise_mask = rng.random((height, width, 1)) < 0.3
+    image = np.where(noise_mask, rng.integers(0, 256, (height, width, 3)), image)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_region_scores_equal_numpy_histogram():
+    """The vectorised scorer equals the one-region-at-a-time histogram for regions of all sorts of sizes."""
+    rng = np.random.default_rng(0)
+    greys = [grey_image(_random_image(rng, 96, 80)) for _ in range(3)]
+    units = [(grey + 1.0) / 2.0 for grey in greys]
+    regions = []
+    for _ in range(300):
+        tile = int(rng.integers(3))
+        y0, x0 = int(rng.integers(0, 90)), int(rng.integers(0, 74))
+        y1, x1 = int(rng.integers(y0, 96)), int(rng.integers(x0, 80))
+        regions.append((tile, y0, y1, x0, x1))
+    entropies = _RegionScorer().entropies(units, regions)
+    for (tile, y0, y1, x0, x1), entropy in zip(regions, entropies.tolist()):
+        expected = baseline.baseline_region_score(greys[tile][y0:y1 + 1, x0:x1 + 1], 2.5)
+        assert entropy**2.5 * (y1 - y0 + 1) * (x1 - x0 + 1) == expected
+
+
+@pytest.mark.parametrize(
+    "tile_size, min_size, num_tokens, weight",
+    [(64, 4, 16, 2.5), (48, 4, 40, 2.5), (40, 3, 25, 1.0), (64, 8, 64, 0.0)],
+)
+def test_matches_released_loop_on_random_images(tile_size, min_size, num_tokens, weight):
+    rng = np.random.default_rng(tile_size + num_tokens)
+    images = np.stack([_random_image(rng, tile_size, 2 * tile_size) for _ in range(3)])
+    bias = rng.random(images.shape[:3]).astype(np.float32) * 50
+    for use_bias in (False, True):
+        geometry, boxes = entropy_partition_batch(
+            images, num_tokens, min_size=min_size, weight=weight, bias=bias if use_bias else None,
+            tile_size=tile_size,
+        )
+        for index in range(len(images)):
+            grey = grey_image(images[index])
+            for column in range(2):
+                cut = np.s_[:, column * tile_size:(column + 1) * tile_size]
+                tile_bias = np.ascontiguousarray(bias[index][cut]) if use_bias else None
+                expected = baseline.baseline_tile_partition(grey[cut], num_tokens, min_size, weight, tile_bias)
+                got = _pixel_boxes(boxes[index, column * num_tokens:(column + 1) * num_tokens], tile_size, tile_size)
+                assert [tuple(b) for b in got] == [(x0, y0, x1, y1) for y0, y1, x0, x1 in expected]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contract
+
+
+def test_regions_tile_the_image_and_geometry_follows_boxes(fixtures):
+    partition = entropy_partition(fixtures["image_3"], 256)
+    cover = np.zeros((256, 256), np.int64)
+    for x0, y0, x1, y1 in _pixel_boxes(partition.boxes, 256, 256):
+        cover[y0:y1 + 1, x0:x1 + 1] += 1
+    assert (cover == 1).all()
+    x0, y0, x1, y1 = partition.boxes.T.astype(np.float64)
+    np.testing.assert_allclose(partition.geometry[:, 3], (x0 + x1) / 2, atol=1e-6)
+    np.testing.assert_allclose(partition.geometry[:, 4], (y0 + y1) / 2, atol=1e-6)
+    assert (partition.geometry[:, 2] == 0).all() and (partition.geometry[:, :2] > 0).all()
+
+
+def test_max_tokens_and_full_split():
+    assert max_tokens(256, 256, 8) == 1024
+    assert max_tokens(64, 64, 4) == 256
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    partition = entropy_partition(image, 256, min_size=4, tile_size=64)
+    sides = _pixel_boxes(partition.boxes, 64, 64)
+    assert ((sides[:, 2] - sides[:, 0] == 3) & (sides[:, 3] - sides[:, 1] == 3)).all()
+    with pytest.raises(ValueError, match="larger than a 64x64 tile allows"):
+        entropy_partition(image, 257, min_size=4, tile_size=64)
+
+
+def test_bias_from_boxes_pulls_tokens_into_the_box(fixtures):
+    image = fixtures["image_5"]
+    box = (160, 16, 240, 96)  # x0, y0, x1, y1, inclusive-exclusive
+    bias = bias_from_boxes(256, 256, [(*box, 200.0)])
+    assert bias.dtype == np.float32 and bias.sum() == 200.0 * 80 * 80
+    assert bias[16, 160] == 200.0 and bias[96, 160] == 0 and bias[16, 240] == 0
+
+    def tokens_inside(partition: Partition) -> int:
+        mu = (partition.geometry[:, 3:5].astype(np.float64) + 1) / 2 * 255
+        return int(((mu[:, 0] >= box[0]) & (mu[:, 0] < box[2]) & (mu[:, 1] >= box[1]) & (mu[:, 1] < box[3])).sum())
+
+    plain = tokens_inside(entropy_partition(image, 128))
+    biased = tokens_inside(entropy_partition(image, 128, bias=bias))
+    assert biased > plain + 10
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda img: entropy_partition(img.astype(np.float32), 64), TypeError, "uint8"),
+        (lambda img: entropy_partition(img[..., :2], 64), ValueError, r"\(H, W, 3\)"),
+        (lambda img: entropy_partition(img[:200], 64), ValueError, "multiples of tile_size=256"),
+        (lambda img: entropy_partition(img, 2000), ValueError, "at most 1024"),
+        (lambda img: entropy_partition(img, 0), ValueError, "positive integer"),
+        (lambda img: entropy_partition(img, 64, min_size=0), ValueError, "min_size"),
+        (lambda img: entropy_partition(img, 64, weight=float("nan")), ValueError, "weight"),
+        (lambda img: entropy_partition(img[None], 64), ValueError, "one uint8 RGB image"),
+        (lambda img: entropy_partition(img, 64, bias=np.zeros((256, 256))), TypeError, "float32"),
+        (lambda img: entropy_partition(img, 64, bias=np.zeros((128, 256), np.float32)), ValueError, "shape"),
+        (lambda img: entropy_partition(img, 64, bias=np.full((256, 256), np.nan, np.float32)), ValueError, "NaN"),
+        (lambda img: bias_from_boxes(256, 256, [(10, 10, 5, 20, 1.0)]), ValueError, "empty or outside"),
+        (lambda img: bias_from_boxes(256, 256, [(0, 0, 5, 5)]), ValueError, r"\(x0, y0, x1, y1, weight\)"),
+    ],
+)
+def test_bad_input_is_named(fixtures, call, error, message):
+    with pytest.raises(error, match=message):
+        call(fixtures["image_0"])
+
+
+def test_tiles_per_side_needs_a_square_grid():
+    image = np.random.default_rng(2).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    partition = entropy_partition(image, 8, min_size=4, tile_size=64)
+    assert partition.tile_grid == (1, 2) and partition.geometry.shape == (16, 5)
+    with pytest.raises(ValueError, match="not square"):
+        partition.tiles_per_side

@@ -1,0 +1,451 @@
+"""Entropy-driven initial partition of images into GPSToken regions (SPEC.md section 3).
+
+A tile is cut greedily: the candidate region with the highest score ("how much is going on here", the entropy
+of its gradient-magnitude histogram weighted by its area, plus an optional user bias) is halved until the tile
+holds `num_tokens` regions. Every region then becomes one token's initial Gaussian and one RoI box.
+
+Released checkpoints were trained on partitions made by a per-image Python loop, so this module reproduces that
+loop bit for bit (same regions, same token order) while being much faster:
+
+* The candidate list of the released loop is re-sorted (stable, descending) before every pick and the new
+  children are appended at its end. The sorted order is therefore always "score descending, then creation
+  order", which a heap keyed by (-score, creation index) gives without re-sorting.
+* The released loop scores one region per library call. Here all regions scored in one step of the greedy loop,
+  across every tile of every image of a batch, go through one vectorised pass (`_RegionScorer`).
+* The exact histogram of float64 gradient magnitudes is the expensive part. It is computed from a float32
+  approximation whose bin is provably right wherever the value is not within a small margin of a bin edge; the
+  few pixels near an edge are recomputed in float64 by OpenCV itself (see `_RegionScorer`).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+#: Every region is resized to this square before its gradient histogram is taken, whatever its own size.
+SCORE_SIDE = 64
+#: The gradient histogram of the released code: 512 equal bins over [-5.5, 5.5], values outside are dropped.
+HIST_BINS = 512
+HIST_LOW, HIST_HIGH = -5.5, 5.5
+
+# Gradient magnitudes are >= 0, so only the upper half of the bins is ever hit. Bin `HIST_BINS // 2 + j` holds
+# magnitudes m with j * BIN_WIDTH <= m < (j + 1) * BIN_WIDTH; BIN_WIDTH = 11/512 is a dyadic fraction, so these
+# edges are exactly numpy's `histogram` edges, and numpy's edge-corrected binning equals this exact rule.
+_BIN_WIDTH = (HIST_HIGH - HIST_LOW) / HIST_BINS
+_ZERO_BIN = HIST_BINS // 2
+_MAGNITUDE_BINS = HIST_BINS - _ZERO_BIN  # bins for magnitudes in [0, 5.5]
+# Margin (in bin widths) around a bin edge inside which the float32 approximation is not trusted. The float32
+# Sobel + magnitude differs from the float64 one by less than 2e-4 bin widths (a few float32 roundings of
+# values <= 4 * 46.5); the margin leaves a factor of ten.
+_EDGE_MARGIN = 2e-3
+
+# The released code turns uint8 into float32 through float64: (u / 127.5 - 1).astype(float32).
+_UINT8_TO_SIGNED = (np.arange(256) / 127.5 - 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The partition of one image: `tile_grid[0] * tile_grid[1]` tiles, `num_tokens` tokens each.
+
+    geometry: float32 (T*N, 5) initial Gaussians (sigma_x, sigma_y, rho, mu_x, mu_y), tile-local, tiles row-major.
+    boxes: float32 (T*N, 4) region boxes (x0, y0, x1, y1) in tile-local [-1, 1] coordinates, for RoIAlign.
+    tile_grid: (tile rows, tile columns).
+    """
+
+    geometry: np.ndarray
+    boxes: np.ndarray
+    tile_grid: tuple[int, int]
+
+    @property
+    def tiles_per_side(self) -> int:
+        """Tiles along each side of a square image (the decoder's `np`)."""
+        rows, cols = self.tile_grid
+        if rows != cols:
+            raise ValueError(f"the image is not square in tiles ({rows} x {cols}); use tile_grid")
+        return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checks and conversions
+
+
+def grey_image(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> float32 grey in [-1, 1], with the released conversion and rounding."""
+    signed = _UINT8_TO_SIGNED[image]
+    return 0.299 * signed[..., 0] + 0.587 * signed[..., 1] + 0.114 * signed[..., 2]
+
+
+def _halving_leaves(side: int, min_size: int) -> int:
+    """How many pieces one axis of `side` pixels ends in when halved until every piece is <= min_size + 1."""
+    if side - 1 <= min_size:
+        return 1
+    return _halving_leaves(side // 2, min_size) + _halving_leaves(side - side // 2, min_size)
+
+
+def max_tokens(tile_height: int, tile_width: int, min_size: int = 8) -> int:
+    """The largest token count a tile can be split into (regions stop splitting at min_size + 1 pixels a side).
+
+    A region is split along its longer side, so each axis is halved independently until its pieces are small;
+    the leaf count is the product of the two axes' counts.
+    """
+    return _halving_leaves(tile_height, min_size) * _halving_leaves(tile_width, min_size)
+
+
+def _describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array of shape {value.shape} and dtype {value.dtype}"
+    return type(value).__name__
+
+
+def _check_settings(num_tokens, min_size, weight, tile_size) -> None:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 2:
+        raise ValueError(f"tile_size must be an integer >= 2, got {tile_size!r}")
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 1:
+        raise ValueError(f"min_size must be an integer >= 1, got {min_size!r}")
+    if not (isinstance(weight, (int, float, np.floating)) and math.isfinite(weight)):
+        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+    limit = max_tokens(tile_size, tile_size, min_size)
+    if num_tokens > limit:
+        raise ValueError(
+            f"num_tokens={num_tokens} is larger than a {tile_size}x{tile_size} tile allows with "
+            f"min_size={min_size} (at most {limit})"
+        )
+
+
+def _check_images(images: np.ndarray, tile_size: int) -> None:
+    """images: uint8 (B, H, W, 3) with H and W multiples of tile_size."""
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"images must be a numpy array, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 RGB, got dtype {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB of shape (H, W, 3) or (B, H, W, 3), got shape {images.shape}")
+    height, width = images.shape[1:3]
+    if height == 0 or width == 0 or height % tile_size or width % tile_size:
+        raise ValueError(f"image sides ({height} x {width}) must be positive multiples of tile_size={tile_size}")
+
+
+def _check_bias(bias: np.ndarray, expected_shape: tuple[int, ...]) -> None:
+    if not isinstance(bias, np.ndarray):
+        raise TypeError(f"bias must be a numpy array, got {type(bias).__name__}")
+    if bias.dtype != np.float32:
+        raise TypeError(f"bias must be float32 (the released code sums it in float32), got dtype {bias.dtype}")
+    if bias.shape != expected_shape:
+        raise ValueError(f"bias must have shape {expected_shape} (the images' height and width), got {bias.shape}")
+    if not np.isfinite(bias).all():
+        raise ValueError("bias contains NaN or infinite values")
+
+
+def bias_from_boxes(height: int, width: int, boxes) -> np.ndarray:
+    """A user bias map that steers tokens into boxes.
+
+    boxes: iterable of (x0, y0, x1, y1, weight) in pixels, inclusive-exclusive. Each pixel of a box adds `weight`
+    to the score of every region holding it, so a region's score grows by weight * (its overlap with the box)
+    and regions over the box get split first. Overlapping boxes add up. Returns float32 (height, width).
+    """
+    bias = np.zeros((height, width), np.float32)
+    for box in boxes:
+        if len(box) != 5:
+            raise ValueError(f"each box must be (x0, y0, x1, y1, weight), got {box!r}")
+        x0, y0, x1, y1, box_weight = box
+        if not math.isfinite(box_weight):
+            raise ValueError(f"box weight must be finite, got {box_weight!r}")
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(f"box {box!r} is empty or outside the {height} x {width} image")
+        bias[int(y0):int(y1), int(x0):int(x1)] += np.float32(box_weight)
+    return bias
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Region scores
+
+
+class _RegionScorer:
+    """Gradient-histogram entropies of many regions at once, equal to the released per-region computation.
+
+    Per region (inclusive pixel ranges of a tile of `(grey + 1) / 2`): OpenCV bilinear resize to 64x64 (the
+    definition, called per region exactly as the released code does), 3x3 Sobel in x and y with replicated border
+    in float64, magnitude sqrt(gx^2 + gy^2), 512-bin histogram over [-5.5, 5.5], entropy in bits.
+
+    All resized regions are stacked into one tall float32 image with one replicated row above and below each
+    region, so a single Sobel call over the stack gives every region its own replicated-border result. The
+    Sobel and magnitude are taken in float32, scaled to bin units, and floored to bins. A pixel whose scaled
+    magnitude lies within `_EDGE_MARGIN` of a bin edge (other than 0, which every magnitude clears) is
+    recomputed exactly: OpenCV's float64 Sobel of its 3x3 neighbourhood, float64 magnitude, exact bin.
+    """
+
+    _ROWS = SCORE_SIDE + 2  # each region's block in the stack: a replicated row, 64 rows, a replicated row
+
+    def entropies(self, tiles: list[np.ndarray], regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
+        """regions: (tile index, y0, y1, x0, x1), inclusive. Returns float64 entropies, one per region."""
+        count = len(regions)
+        rows = self._ROWS
+        stack = np.empty((count * rows, SCORE_SIDE), np.float32)
+        blocks = stack.reshape(count, rows, SCORE_SIDE)
+        for k, (tile, y0, y1, x0, x1) in enumerate(regions):
+            cv2.resize(tiles[tile][y0:y1 + 1, x0:x1 + 1], (SCORE_SIDE, SCORE_SIDE), dst=blocks[k, 1:-1])
+        blocks[:, 0] = blocks[:, 1]
+        blocks[:, -1] = blocks[:, -2]
+
+        inner = blocks[:, 1:-1]
+        bins_per_unit = 1.0 / _BIN_WIDTH
+        grad_x = cv2.Sobel(stack, cv2.CV_32F, 1, 0, ksize=3, scale=bins_per_unit, borderType=cv2.BORDER_REPLICATE)
+        grad_y = cv2.Sobel(stack, cv2.CV_32F, 0, 1, ksize=3, scale=bins_per_unit, borderType=cv2.BORDER_REPLICATE)
+        scaled = cv2.magnitude(grad_x, grad_y).reshape(count, rows, SCORE_SIDE)[:, 1:-1]
+
+        bins = scaled.astype(np.intp)  # floor, values are >= 0
+        distance = np.rint(scaled)
+        np.subtract(scaled, distance, out=distance)
+        np.abs(distance, out=distance)
+        near_edge = (distance < _EDGE_MARGIN) & (scaled > 0.5)
+        region_of, row_of, col_of = np.nonzero(near_edge)
+        if len(region_of):
+            bins[region_of, row_of, col_of] = self._exact_bins(inner, region_of, row_of, col_of)
+
+        # Per-region counts of bins 0.._MAGNITUDE_BINS-1; everything else (magnitude > 5.5) is dropped.
+        bins = np.minimum(bins, _MAGNITUDE_BINS, out=bins)
+        bins += (np.arange(count) * (_MAGNITUDE_BINS + 1))[:, None, None]
+        counts = np.bincount(bins.ravel(), minlength=count * (_MAGNITUDE_BINS + 1))
+        histogram = np.zeros((count, HIST_BINS), np.int64)
+        histogram[:, _ZERO_BIN:] = counts.reshape(count, _MAGNITUDE_BINS + 1)[:, :-1]
+        return _histogram_entropy(histogram)
+
+    @staticmethod
+    def _exact_bins(resized: np.ndarray, region_of, row_of, col_of) -> np.ndarray:
+        """Exact histogram bins (0-based above the zero bin) of selected pixels of the (K, 64, 64) resized stack.
+
+        The float64 Sobel of a pixel only reads its 3x3 neighbourhood (replicated at the region border), so the
+        neighbourhoods are stacked into one (3P, 3) image and OpenCV's own Sobel gives each centre's value.
+        """
+        offsets = np.arange(-1, 2)
+        rows = np.clip(row_of[:, None] + offsets, 0, SCORE_SIDE - 1)
+        cols = np.clip(col_of[:, None] + offsets, 0, SCORE_SIDE - 1)
+        patches = resized[region_of[:, None, None], rows[:, :, None], cols[:, None, :]]
+        patches = np.ascontiguousarray(patches.reshape(-1, 3))
+        grad_x = cv2.Sobel(patches, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)[1::3, 1]
+        grad_y = cv2.Sobel(patches, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)[1::3, 1]
+        magnitude = np.sqrt(grad_x**2 + grad_y**2)
+        estimate = (magnitude * (1.0 / _BIN_WIDTH)).astype(np.intp)
+        # The estimate is off by at most one; the edges j * _BIN_WIDTH are exact doubles.
+        estimate -= magnitude < estimate * _BIN_WIDTH
+        estimate += magnitude >= (estimate + 1) * _BIN_WIDTH
+        # The last bin includes its right edge (5.5); larger magnitudes are dropped (bin _MAGNITUDE_BINS).
+        estimate[magnitude == HIST_HIGH] = _MAGNITUDE_BINS - 1
+        return estimate
+
+
+def _histogram_entropy(histogram: np.ndarray) -> np.ndarray:
+    """Entropy in bits of each row of int64 (K, HIST_BINS) counts, with the released normalisation and epsilons.
+
+    Row-wise numpy reductions use the same pairwise summation as the released one-histogram-at-a-time calls.
+    """
+    prob = histogram / (histogram.sum(axis=1, keepdims=True) + 1e-5)
+    return -np.sum(prob * np.log2(prob + 1e-10), axis=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The greedy loop
+
+
+class _TileCandidates:
+    """The candidate regions of one tile, in the order of the released, repeatedly stable-sorted list.
+
+    Splittable candidates live in a heap keyed by (-score, creation index): its top is the first splittable
+    entry of the sorted list. Regions too small to split are never picked, so they wait in `leaves`. The newest
+    children are held apart until the next pick, because the released loop ends right after appending them,
+    unsorted, to the end of the list.
+    """
+
+    def __init__(self, min_size: int):
+        self.min_size = min_size
+        self.heap: list[tuple[float, int, tuple[int, int, int, int]]] = []
+        self.leaves: list[tuple[float, int, tuple[int, int, int, int]]] = []
+        self.newest: list[tuple[float, int, tuple[int, int, int, int]]] = []
+        self.created = 0
+
+    def append(self, scored_boxes: list[tuple[float, tuple[int, int, int, int]]]) -> None:
+        """Append new regions (score, (y0, y1, x0, x1)) to the end of the candidate list."""
+        self._settle_newest()
+        for score, box in scored_boxes:
+            self.newest.append((-score, self.created, box))
+            self.created += 1
+
+    def pop_best_splittable(self) -> tuple[int, int, int, int]:
+        """Remove and return the first splittable region of the list sorted by score (stable, descending)."""
+        self._settle_newest()
+        return heapq.heappop(self.heap)[2]
+
+    def final_boxes(self) -> list[tuple[int, int, int, int]]:
+        """Boxes in the released final list order: the sorted candidates, then the newest ones as appended."""
+        settled = sorted(self.heap + self.leaves)
+        return [box for _, _, box in settled] + [box for _, _, box in self.newest]
+
+    def _settle_newest(self) -> None:
+        for entry in self.newest:
+            y0, y1, x0, x1 = entry[2]
+            if y1 - y0 <= self.min_size and x1 - x0 <= self.min_size:
+                self.leaves.append(entry)
+            else:
+                heapq.heappush(self.heap, entry)
+        self.newest = []
+
+
+def _split_options(box: tuple[int, int, int, int], min_size: int) -> list[list[tuple[int, int, int, int]]]:
+    """The candidate splits of a picked region: [x halves] or [y halves], or both for a square region.
+
+    A picked region has a side of at least min_size + 2, and only its longer side (or both, when square) is
+    tried, so every tried direction is possible and the released "impossible split scores 1e6" rule never fires.
+    """
+    y0, y1, x0, x1 = box
+    height, width = y1 - y0 + 1, x1 - x0 + 1
+    options = []
+    if width >= height and width > min_size:
+        mid = x0 + width // 2
+        options.append([(y0, y1, x0, mid - 1), (y0, y1, mid, x1)])
+    if height >= width and height > min_size:
+        mid = y0 + height // 2
+        options.append([(y0, mid - 1, x0, x1), (mid, y1, x0, x1)])
+    return options
+
+
+def _partition_tiles(
+    units: list[np.ndarray], biases: list[np.ndarray] | None, num_tokens: int, min_size: int, weight: float
+) -> list[list[tuple[int, int, int, int]]]:
+    """Run the greedy loop on many tiles in lockstep; returns each tile's boxes (y0, y1, x0, x1) in token order.
+
+    units: float32 tiles of (grey + 1) / 2; biases: matching float32 bias tiles, or None.
+    """
+    scorer = _RegionScorer()
+
+    def scores(requests: list[tuple[int, tuple[int, int, int, int]]]) -> list[float]:
+        entropies = scorer.entropies(units, [(tile, *box) for tile, box in requests])
+        result = []
+        for (tile, (y0, y1, x0, x1)), entropy in zip(requests, entropies.tolist()):
+            score = entropy**weight * (y1 - y0 + 1) * (x1 - x0 + 1)
+            if biases is not None:
+                score += float(np.sum(biases[tile][y0:y1 + 1, x0:x1 + 1]))
+            result.append(score)
+        return result
+
+    states = [_TileCandidates(min_size) for _ in units]
+    roots = [(tile, (0, unit.shape[0] - 1, 0, unit.shape[1] - 1)) for tile, unit in enumerate(units)]
+    for (tile, box), score in zip(roots, scores(roots)):
+        states[tile].append([(score, box)])
+
+    for _ in range(num_tokens - 1):
+        requests, options_per_tile = [], []
+        for tile, state in enumerate(states):
+            options = _split_options(state.pop_best_splittable(), min_size)
+            options_per_tile.append(options)
+            requests += [(tile, child) for option in options for child in option]
+        flat_scores = iter(scores(requests))
+        for state, options in zip(states, options_per_tile):
+            scored = [[(next(flat_scores), child) for child in option] for option in options]
+            if len(scored) == 2:  # square: x only when its weaker child is strictly weaker than y's
+                x_split, y_split = scored
+                chosen = x_split if min(s for s, _ in x_split) < min(s for s, _ in y_split) else y_split
+            else:
+                chosen = scored[0]
+            state.append(chosen)
+    return [state.final_boxes() for state in states]
+
+
+def _boxes_to_tokens(boxes: list[tuple[int, int, int, int]], height: int, width: int):
+    """Integer boxes (y0, y1, x0, x1) of an h x w tile -> float32 geometry (N, 5) and RoI boxes (N, 4).
+
+    The arithmetic follows the released float64 expressions operation by operation, then rounds to float32.
+    """
+    y0, y1, x0, x1 = np.asarray(boxes, dtype=np.int64).T
+    sigma_x = (x1 - x0) / width * 2.0 / 3.0
+    sigma_y = (y1 - y0) / height * 2.0 / 3.0
+    mu_x = ((x1 + x0) / 2.0 / (width - 1) - 0.5) * 2.0
+    mu_y = ((y1 + y0) / 2.0 / (height - 1) - 0.5) * 2.0
+    geometry = np.stack([sigma_x, sigma_y, np.zeros_like(sigma_x), mu_x, mu_y], axis=1).astype(np.float32)
+    region_boxes = np.stack(
+        [
+            (x0 / (width - 1) - 0.5) * 2,
+            (y0 / (height - 1) - 0.5) * 2,
+            (x1 / (width - 1) - 0.5) * 2,
+            (y1 / (height - 1) - 0.5) * 2,
+        ],
+        axis=1,
+    ).astype(np.float32)
+    return geometry, region_boxes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def entropy_partition(
+    image: np.ndarray,
+    num_tokens: int,
+    *,
+    min_size: int = 8,
+    weight: float = 2.5,
+    bias: np.ndarray | None = None,
+    tile_size: int = 256,
+) -> Partition:
+    """Partition one uint8 RGB image (H, W, 3) into `num_tokens` regions per tile_size x tile_size tile.
+
+    H and W must be multiples of tile_size; tiles are taken row-major and each gets its own tile-local tokens.
+    bias: optional float32 (H, W) map; a region's score gets the sum of the map over the region.
+    """
+    if not isinstance(image, np.ndarray) or image.ndim != 3:
+        raise ValueError(f"expected one uint8 RGB image of shape (H, W, 3), got {_describe(image)}")
+    if bias is not None:
+        if not isinstance(bias, np.ndarray) or bias.ndim != 2:
+            raise ValueError(f"bias must be a float32 (H, W) map, got {_describe(bias)}")
+        bias = bias[None]
+    image = image[None]
+    geometry, boxes = entropy_partition_batch(
+        image, num_tokens, min_size=min_size, weight=weight, bias=bias, tile_size=tile_size
+    )
+    height, width = image.shape[1:3]
+    return Partition(geometry[0], boxes[0], (height // tile_size, width // tile_size))
+
+
+def entropy_partition_batch(
+    images: np.ndarray,
+    num_tokens: int,
+    *,
+    min_size: int = 8,
+    weight: float = 2.5,
+    bias: np.ndarray | None = None,
+    tile_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Partition a batch of uint8 RGB images (B, H, W, 3); all tiles of all images advance in lockstep.
+
+    bias: optional float32 (B, H, W) maps. Returns float32 geometry (B, T*N, 5) and boxes (B, T*N, 4), tiles
+    row-major within each image, exactly as `entropy_partition` would give image by image.
+    """
+    _check_settings(num_tokens, min_size, weight, tile_size)
+    _check_images(images, tile_size)
+    batch, height, width = images.shape[:3]
+    if bias is not None:
+        _check_bias(bias, (batch, height, width))
+
+    units = []
+    bias_tiles = None if bias is None else []
+    for index in range(batch):
+        unit = (grey_image(images[index]) + 1.0) / 2.0
+        for top in range(0, height, tile_size):
+            for left in range(0, width, tile_size):
+                units.append(unit[top:top + tile_size, left:left + tile_size])
+                if bias is not None:
+                    # A tile's bias is summed as its own contiguous array, as when the released function is
+                    # called on one tile.
+                    tile_bias = bias[index, top:top + tile_size, left:left + tile_size]
+                    bias_tiles.append(np.ascontiguousarray(tile_bias))
+
+    tile_boxes = _partition_tiles(units, bias_tiles, num_tokens, min_size, float(weight))
+    geometry, boxes = zip(*(_boxes_to_tokens(b, tile_size, tile_size) for b in tile_boxes))
+    tiles = len(units) // batch
+    geometry = np.stack(geometry).reshape(batch, tiles * num_tokens, 5)
+    boxes = np.stack(boxes).reshape(batch, tiles * num_tokens, 4)
+    return geometry, boxes
