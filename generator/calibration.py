@@ -15,7 +15,9 @@ predicted centres and rebuilds a partition around them:
    (h - 1 <= min_size and w - 1 <= min_size), which on our grid means "larger than one cell".
    Squares split along x. SPEC.md section 7 adds "unless a centre lies exactly on the x split line", but a snapped
    centre sits at a cell centre and every split line runs along cell boundaries, so that case cannot happen after
-   snapping and there is no code for it.
+   snapping and there is no code for it. Consequence: calibration only produces x-first tilings, so an entropy
+   partition that halved a square along y (SPEC.md section 3 decides that by score) is not reproduced; its
+   centres still snap inside their own regions, but half of their regions are then tiled differently.
 3. **Geometry** of each region with the formulas of SPEC.md section 3 (shared with the entropy partition).
 
 Why ``tile_size / min_size`` must be a power of two: then every region the halving can reach is a union of whole
@@ -122,7 +124,8 @@ def _halving_tree(tile_size: int, min_size: int) -> _HalvingTree:
 def _ranges_to_geometry(ranges: np.ndarray, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
     """SPEC.md section 3: inclusive pixel ranges ``(x0, y0, x1, y1)`` -> float32 geometry (..., 5), boxes (..., 4).
 
-    TODO(partition owner): replace by the shared helper once tokenizer.partition exposes one.
+    Same operations as tokenizer.partition's private ``_boxes_to_tokens`` (bit-identical float32, see the tests);
+    to be replaced by it once tokenizer.partition exposes a public, batched version.
     """
     x0, y0, x1, y1 = np.moveaxis(ranges.astype(np.float64), -1, 0)
     last = tile_size - 1

@@ -212,6 +212,24 @@ def test_region_centres_of_an_x_first_tiling_are_reproduced_exactly():
     assert sorted(map(tuple, result.ranges[0].tolist())) == sorted(map(tuple, ranges.tolist()))
 
 
+def test_regions_shared_with_the_entropy_partition_have_bit_identical_geometry():
+    """Same format as tokenizer.partition: where both produce the same region, geometry and box are identical."""
+    partition = pytest.importorskip("tokenizer.partition")
+    rng = np.random.default_rng(0)
+    images = np.kron(rng.integers(0, 256, (6, 4, 4, 3)), np.ones((1, 16, 16, 1))).astype(np.uint8)
+    images[rng.random(images.shape[:3]) < 0.2] = 255
+    geometry, boxes = partition.entropy_partition_batch(images, 16, min_size=4, tile_size=64)
+    result = calibrate_layouts(geometry, tile_size=64, min_size=4)
+    shared = 0
+    for b in range(len(images)):
+        for i, box in enumerate(result.boxes[b]):
+            match = np.flatnonzero((boxes[b] == box).all(axis=1))
+            if match.size:
+                shared += 1
+                np.testing.assert_array_equal(result.geometry[b, i], geometry[b, match[0]])
+    assert shared > 0
+
+
 def test_accepts_torch_tensors_and_extra_columns():
     geometry = make_layouts(1, "uniform", 3, 128, 256, 8)
     wide = np.concatenate([geometry, np.ones((3, 128, 16))], axis=-1)
