@@ -1,0 +1,550 @@
+"""Training machinery shared by every trainer of the suite (tokenizer and generator).
+
+What lives here, and nothing else:
+- typed configs from YAML with `key.sub=value` command-line overrides (`load_run_config`);
+- `TrainingEngine`: accelerate set-up (processes, devices, bf16 autocast, gradient accumulation, optional
+  `torch.compile`), seeding, EMA of the weights (diffusers' `EMAModel`), a NaN guard, atomic checkpoints
+  through `accelerator.save_state` with keep-last-K and `--resume auto`, JSONL + TensorBoard logs, a tqdm
+  progress bar with images/s, and export of the EMA weights as safetensors;
+- `ShardedInfiniteSampler`: the data order as a pure function of (seed, position), so a resumed run sees
+  exactly the samples an uninterrupted run would have seen, and each process gets a disjoint share.
+
+A trainer owns its models, losses and the order of its optimizer steps; it calls the engine for everything
+else. The loop of a trainer reads:
+
+    engine = TrainingEngine(config.engine, run_config=raw_config)
+    model, optimizer = engine.prepare(model, optimizer)
+    engine.track_ema(model)
+    start = engine.resume(args.resume)
+    batches = engine.batches(dataset, batch_size, num_workers, start_step=start)
+    for step in engine.steps(start):
+        metrics = engine.optimizer_step(step, model, optimizer, loss_fn, batches)
+        engine.update_ema(model)
+        engine.end_step(step, metrics)
+    engine.finish()
+
+Checkpoint layout: `<output_dir>/checkpoints/step_<08d>/` holds accelerate's state (models, optimizers, RNG of
+every process, registered objects such as the EMA) plus `progress.json`. A checkpoint is written into a hidden
+temporary folder and renamed into place only once complete, so a killed run never leaves a half checkpoint
+that `--resume auto` would pick up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("gpstoken.train")
+
+CHECKPOINT_PREFIX = "step_"
+PROGRESS_FILE = "progress.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Typed configs from YAML + overrides
+# --------------------------------------------------------------------------------------------------------------
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.sub=value` applied; values are parsed as YAML (`1e-4`, `[1, 2]`,
+    `true`, `null`). A key must already exist in `data`, so a typo is an error instead of a silent new entry."""
+    result = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not of the form key.sub=value")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = result
+        for depth, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                where = ".".join(keys[:depth]) or "the top level"
+                known = sorted(node) if isinstance(node, dict) else []
+                raise ValueError(f"override '{item}': no key '{key}' under {where} (known: {known})")
+            if depth == len(keys) - 1:
+                node[key] = yaml.safe_load(text)
+            else:
+                node = node[key]
+    return result
+
+
+def build_config(cls: type, data: Any, where: str = "config") -> Any:
+    """Instantiate the dataclass `cls` from a mapping, recursively. Unknown keys and ill-typed values are
+    errors naming the key; missing keys take the dataclass defaults."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known keys: {known}")
+    return cls(**{key: _coerce(hints[key], value, f"{where}.{key}") for key, value in data.items()})
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build_config(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {args}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+        item = args[0] if args else Any
+        return origin(_coerce(item, v, where) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
+    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain YAML-safe data (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def load_run_config(cls: type, path: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
+    """Read a YAML run config, apply `key.sub=value` overrides, build `cls`. Returns (config, resolved data)
+    where the resolved data is what the run really used (the engine saves it next to the checkpoints)."""
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config must be a YAML mapping")
+    config = build_config(cls, apply_overrides(data, overrides), str(path))
+    return config, config_to_dict(config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------------------------
+
+class ShardedInfiniteSampler(torch.utils.data.Sampler):
+    """Endless stream of `(index, draw_seed)` for one process.
+
+    Epoch e is a permutation of the dataset drawn from `(seed, e)`; its first `n - n % num_shards` items are
+    dealt round-robin to the shards, so the shards are disjoint within an epoch and the union of the shards'
+    k-th batches is the k-th global batch of a single-process run with the same global batch size.
+    `draw_seed` is unique per (epoch, index) and seeds the dataset's random augmentation, so augmentation does
+    not depend on workers or on where a run was resumed. `start` skips that many items of this shard.
+    """
+
+    def __init__(self, num_items: int, seed: int, num_shards: int = 1, shard_index: int = 0, start: int = 0):
+        if num_items < num_shards:
+            raise ValueError(f"dataset of {num_items} items cannot be split over {num_shards} processes")
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index {shard_index} outside [0, {num_shards})")
+        self.num_items, self.seed = num_items, seed
+        self.num_shards, self.shard_index, self.start = num_shards, shard_index, start
+        self.per_shard = num_items // num_shards
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        usable = self.per_shard * self.num_shards
+        return torch.randperm(self.num_items, generator=generator)[self.shard_index:usable:self.num_shards]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.per_shard)
+        while True:
+            order = self.epoch_order(epoch).tolist()
+            for index in order[offset:]:
+                yield index, (self.seed << 32) + epoch * self.num_items + index
+            epoch, offset = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineConfig:
+    """Run-level settings every trainer shares."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 1000               # optimizer steps (of the main model)
+    seed: int = 0
+    mixed_precision: str = "no"         # "no" (fp32) or "bf16" autocast
+    grad_accum_steps: int = 1           # micro-batches per optimizer step
+    grad_clip_norm: float = 0.0         # 0 disables clipping
+    ema_decay: float = 0.9999           # diffusers EMAModel decay (with its built-in (1+t)/(10+t) warm-up)
+    checkpoint_every: int = 5000        # steps between checkpoints; the last step is always saved
+    keep_checkpoints: int = 3           # keep the newest K complete checkpoints
+    log_every: int = 50                 # steps between scalar log records
+    compile: bool = False               # torch.compile the prepared models (inductor)
+    deterministic: bool = False         # deterministic kernels (slower; for exact-resume checks)
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"engine.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        for key in ("max_steps", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"engine.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the run stops without writing a checkpoint."""
+
+    def __init__(self, step: int, name: str, value: float, last_checkpoint: Path | None):
+        self.step, self.name, self.value, self.last_checkpoint = step, name, value, last_checkpoint
+        kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        super().__init__(f"loss '{name}' is {value} at step {step}; training stopped ({kept})")
+
+
+def find_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `<output_dir>/checkpoints`, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / PROGRESS_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The JSONL log records of a run."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TrainingEngine:
+    """One training run: processes and devices, EMA, checkpoints, logs, progress, NaN guard."""
+
+    def __init__(self, config: EngineConfig, run_config: Mapping[str, Any] | None = None):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # several CPU processes then talk through gloo
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum_steps,
+            dynamo_backend="inductor" if config.compile else "no",
+            step_scheduler_with_optimizer=False,
+        )
+        self._was_deterministic = torch.are_deterministic_algorithms_enabled()
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        set_seed(config.seed, device_specific=False, deterministic=config.deterministic)
+        self.ema: EMAModel | None = None
+        self._ema_model: torch.nn.Module | None = None
+        self._tensorboard = None
+        self._log_file_handler: logging.Handler | None = None
+        self._progress = None
+        self._last_time = None
+        self._last_step = 0
+        if self.is_main_process:
+            (self.output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self._setup_logging()
+            if run_config is not None:
+                with open(self.output_dir / "config.yaml", "w", encoding="utf-8") as handle:
+                    yaml.safe_dump(dict(run_config), handle, sort_keys=False)
+        self.accelerator.wait_for_everyone()
+        logger.info("run in %s: %d process(es) on %s, mixed precision %s", self.output_dir,
+                    self.num_processes, self.device, config.mixed_precision)
+
+    # ---- processes ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    def prepare(self, *objects: Any) -> Any:
+        """Hand models and optimizers to accelerate (device placement, DDP, autocast, compile)."""
+        return self.accelerator.prepare(*objects)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    # ---- EMA ------------------------------------------------------------------------------------------------
+    def track_ema(self, model: torch.nn.Module) -> EMAModel:
+        """Start an EMA of `model`'s parameters (saved with every checkpoint, exported by `export_ema`)."""
+        self._ema_model = self.unwrap(model)
+        self.ema = EMAModel(self._ema_model.parameters(), decay=self.config.ema_decay, foreach=True)
+        self.accelerator.register_for_checkpointing(self.ema)
+        return self.ema
+
+    def update_ema(self) -> None:
+        """One EMA step; call after each optimizer step of the tracked model."""
+        self.ema.step(self._ema_model.parameters())
+
+    def export_ema(self, path: str | Path) -> Path:
+        """Write the EMA weights as a safetensors state dict with the model's own key names."""
+        path = Path(path)
+        if self.is_main_process:
+            params = list(self._ema_model.parameters())
+            self.ema.store(params)
+            self.ema.copy_to(params)
+            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self._ema_model.state_dict().items()}
+            self.ema.restore(params)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.tmp")
+            save_file(state, str(temporary), metadata={"format": "pt", "ema_decay": str(self.config.ema_decay)})
+            os.replace(temporary, path)
+            logger.info("exported EMA weights to %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # ---- data -----------------------------------------------------------------------------------------------
+    def batches(self, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int = 0,
+                start_step: int = 0, collate_fn: Callable | None = None) -> Iterator[Any]:
+        """Endless iterator of this process's micro-batches, positioned for `start_step` (see
+        `ShardedInfiniteSampler`). The dataset is indexed with `(index, draw_seed)` pairs."""
+        per_step = batch_size * self.config.grad_accum_steps
+        sampler = ShardedInfiniteSampler(len(dataset), self.config.seed, self.num_processes,
+                                         self.accelerator.process_index, start=start_step * per_step)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            collate_fn=collate_fn, pin_memory=self.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if num_workers else None,
+            generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
+        )
+        return iter(loader)
+
+    # ---- steps ----------------------------------------------------------------------------------------------
+    def steps(self, start_step: int) -> Iterator[int]:
+        """Step numbers `start_step + 1 .. max_steps` with a progress bar (main process)."""
+        self._progress = tqdm(total=self.config.max_steps, initial=start_step, disable=not self.is_main_process,
+                              unit="step", dynamic_ncols=True, desc="train")
+        self._last_time, self._last_step = time.perf_counter(), start_step
+        yield from range(start_step + 1, self.config.max_steps + 1)
+
+    def optimizer_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                       batches: Iterator[Any]) -> dict[str, torch.Tensor]:
+        """One optimizer step of `model` over `grad_accum_steps` micro-batches drawn from `batches`.
+
+        `loss_fn(batch) -> (loss, terms)` runs under autocast; every term and the loss are checked for NaN/inf
+        (on all processes together) before the backward pass. Returns the terms averaged over the micro-batches
+        (detached) plus `grad_norm` when clipping is on."""
+        accumulated: dict[str, torch.Tensor] = {}
+        for _ in range(self.config.grad_accum_steps):
+            batch = next(batches)
+            with self.accelerator.accumulate(model), self.accelerator.autocast():
+                loss, terms = loss_fn(batch)
+                self.check_finite(step, {**terms, "loss": loss})
+                self.accelerator.backward(loss)
+            for name, value in {**terms, "loss": loss}.items():
+                accumulated[name] = accumulated.get(name, 0.0) + value.detach().float() / self.config.grad_accum_steps
+        if self.config.grad_clip_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), self.config.grad_clip_norm)
+            accumulated["grad_norm"] = norm.detach().float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return accumulated
+
+    def check_finite(self, step: int, terms: Mapping[str, torch.Tensor]) -> None:
+        """Raise `NonFiniteLossError` on every process when any term is NaN/inf on any process."""
+        names = list(terms)
+        values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
+        bad = (~torch.isfinite(values)).float()
+        if self.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bool(bad.any()):
+            index = int(torch.nonzero(bad)[0])
+            checkpoints = find_checkpoints(self.output_dir)
+            error = NonFiniteLossError(step, names[index], float(values[index]), checkpoints[-1] if checkpoints else None)
+            logger.error(str(error))
+            raise error
+
+    def end_step(self, step: int, metrics: Mapping[str, torch.Tensor | float], images: int | None = None) -> None:
+        """Bookkeeping after step `step`: progress bar, scalar logs every `log_every`, checkpoint every
+        `checkpoint_every` and at the last step. `images` = images this process consumed in the step."""
+        self._progress.update(1)
+        if step % self.config.log_every == 0 or step == self.config.max_steps:
+            now = time.perf_counter()
+            record = {name: float(self._mean_over_processes(value)) for name, value in metrics.items()}
+            if images is not None:
+                rate = images * self.num_processes * (step - self._last_step) / max(now - self._last_time, 1e-9)
+                record["images_per_s"] = rate
+                self._progress.set_postfix(img_s=f"{rate:.1f}", loss=f"{record.get('loss', math.nan):.4f}")
+            self._last_time, self._last_step = now, step
+            self.log_scalars(step, record)
+        if step % self.config.checkpoint_every == 0 or step == self.config.max_steps:
+            self.save_checkpoint(step)
+
+    def _mean_over_processes(self, value: torch.Tensor | float) -> torch.Tensor:
+        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.device).reshape(())
+        if self.num_processes > 1:
+            tensor = self.accelerator.reduce(tensor.clone(), reduction="mean")
+        return tensor
+
+    # ---- logs -----------------------------------------------------------------------------------------------
+    def _setup_logging(self) -> None:
+        logger.setLevel(logging.INFO)
+        self._log_file_handler = logging.FileHandler(self.output_dir / "train.log")
+        self._log_file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(self._log_file_handler)
+        if not any(type(h) is logging.StreamHandler for h in logger.handlers):
+            console = logging.StreamHandler()
+            console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+            logger.addHandler(console)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is an optional extra; JSONL always works
+            logger.warning("tensorboard is not installed: scalars go to %s only", METRICS_FILE)
+            return
+        self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def log_scalars(self, step: int, record: Mapping[str, float]) -> None:
+        """Append one JSONL record and the TensorBoard scalars (main process)."""
+        if not self.is_main_process:
+            return
+        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **record}) + "\n")
+        if self._tensorboard is not None:
+            for name, value in record.items():
+                self._tensorboard.add_scalar(f"train/{name}", value, step)
+
+    def log_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """Save an uint8 (H, W, 3) image as PNG under `images/` and to TensorBoard (main process)."""
+        if not self.is_main_process:
+            return
+        from PIL import Image
+
+        folder = self.output_dir / "images"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / f"{tag}_{step:08d}.png")
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(tag, image, step, dataformats="HWC")
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        """Write the full training state atomically and keep only the newest `keep_checkpoints`."""
+        root = self.output_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+        temporary = root / f".tmp_{CHECKPOINT_PREFIX}{step:08d}"
+        if self.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(temporary))
+        self.accelerator.wait_for_everyone()
+        if self.is_main_process:
+            (temporary / PROGRESS_FILE).write_text(json.dumps({"step": step}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+            for old in find_checkpoints(self.output_dir)[:-self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+            if self._tensorboard is not None:
+                self._tensorboard.flush()
+            logger.info("checkpoint %s", final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, resume: str | None) -> int:
+        """Restore a checkpoint; returns the step it holds (0 for a fresh run).
+
+        `resume`: None for a fresh run (refused when the output folder already holds checkpoints), "auto" for
+        the newest complete checkpoint of this run if any, or the path of a checkpoint folder. Call after
+        `prepare` and `track_ema`. Log records after the restored step are dropped, so the JSONL and
+        TensorBoard histories read as one uninterrupted run."""
+        existing = find_checkpoints(self.output_dir)
+        if resume is None or resume == "none":
+            if existing:
+                raise FileExistsError(f"{self.output_dir} already holds checkpoints (newest {existing[-1].name}); "
+                                      "pass --resume auto to continue it or choose another output folder")
+            return self._start_logs_at(0)
+        if resume == "auto":
+            if not existing:
+                logger.info("--resume auto: no checkpoint in %s, starting from scratch", self.output_dir)
+                return self._start_logs_at(0)
+            path = existing[-1]
+        else:
+            path = Path(resume)
+            if not (path / PROGRESS_FILE).is_file():
+                raise FileNotFoundError(f"{path} is not a complete checkpoint (no {PROGRESS_FILE})")
+        self.accelerator.load_state(str(path))
+        if self.ema is not None:
+            self.ema.to(self.device)
+        step = json.loads((path / PROGRESS_FILE).read_text())["step"]
+        logger.info("resumed from %s (step %d)", path, step)
+        return self._start_logs_at(step)
+
+    def _start_logs_at(self, step: int) -> int:
+        if self.is_main_process:
+            for stale in (self.output_dir / "checkpoints").glob(f".tmp_{CHECKPOINT_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
+            records = [r for r in read_metrics(self.output_dir) if r["step"] <= step]
+            lines = "".join(json.dumps(r) + "\n" for r in records)
+            (self.output_dir / METRICS_FILE).write_text(lines)
+            if self._tensorboard is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard.close()
+                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1)
+        self.accelerator.wait_for_everyone()
+        return step
+
+    def finish(self) -> None:
+        """Close the progress bar and the logs; wait for all processes."""
+        if self._progress is not None:
+            self._progress.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._log_file_handler is not None:
+            logger.removeHandler(self._log_file_handler)
+            self._log_file_handler.close()
+        torch.use_deterministic_algorithms(self._was_deterministic)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
