@@ -1,0 +1,412 @@
+// GPS-token splatting kernels (SPEC.md section 2), compiled at run time with NVRTC.
+//
+//   out[b, k, y, x] = sum_i g_i(px, py) * f_i[k]
+//   g_i = exp(-q),  q = (ux - rho uy)^2 / (2 (1 - rho^2)) + uy^2 / 2,  ux = dx / sx,  uy = dy / sy
+//   g_i = 0 unless |dx| <= dmax sx and |dy| <= dmax sy          (dx = px - mu_x, dy = py - mu_y)
+//
+// q is written as a sum of two non-negative terms (the usual form ux^2 - 2 rho ux uy + uy^2 cancels
+// badly when |rho| -> 1). Pixel centres px = 2 j / (W - 1) - 1 are carried as a float pair (hi + lo)
+// so that dx keeps full relative precision even for tiny sigma.
+//
+// Work split: one block of 256 threads per (image, 16x16 pixel tile); blockIdx.y is the image, so a
+// whole batch is one launch. Each round the block tests ROUND tokens against the tile's box, compacts
+// the hits (in token order, so sums are order-stable) into a shared list, and stages their features.
+// Forward: warp w owns an 8x4 pixel group, lane = pixel, channel accumulators live in registers; a
+// warp-level ballot skips the list entries whose box misses its group.
+// Backward: warp w owns list entries w, w+8, ... and walks the tile's 8 pixel groups (lane = pixel)
+// with the tile's dL/dout staged in shared memory; per-lane partial sums are reduced across the warp
+// once per (tile, token) and then either added atomically to dL/dtokens or, in deterministic mode,
+// stored in a per-tile buffer that `reduce_tiles` sums in a fixed tile order.
+//
+// Entry points are extern "C" (no name mangling): render_forward, render_backward,
+// render_backward_deterministic, reduce_tile_gradients, instantiated per (dtype, CPT) by the host
+// (see the end of this file). CPT is the channel count padded to 4, 8, 16, 32 or 64.
+
+#define FULL_MASK 0xffffffffu
+#define TILE 16
+#define THREADS 256
+#define WARPS 8
+
+// ---- storage types: 16-bit floats are read and written as raw bits (NVRTC needs no headers) ----
+struct bf16_t { unsigned short bits; };
+struct f16_t { unsigned short bits; };
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(bf16_t v) { return __uint_as_float(((unsigned int)v.bits) << 16); }
+__device__ __forceinline__ float to_float(f16_t v) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(v.bits));
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
+    unsigned int u = __float_as_uint(v);
+    bf16_t r;
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) {
+        r.bits = (unsigned short)((u >> 16) | 0x40u);  // quiet NaN
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);               // round to nearest even
+        r.bits = (unsigned short)(u >> 16);
+    }
+    return r;
+}
+template <> __device__ __forceinline__ f16_t from_float<f16_t>(float v) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
+
+// ---- geometry ----
+struct __align__(16) Geo {  // one token's geometry, prepared once per block (32 bytes)
+    float mx, my;      // centre
+    float hx, hy;      // box half-widths dmax * sigma
+    float isx, isy;    // 1 / sigma
+    float rho;
+    float hinv;        // 1 / (2 (1 - rho^2))
+};
+
+template <typename T>
+__device__ __forceinline__ Geo make_geo(const T* tok, float dmax) {
+    const float sx = to_float(tok[0]), sy = to_float(tok[1]), rho = to_float(tok[2]);
+    Geo g;
+    g.mx = to_float(tok[3]);
+    g.my = to_float(tok[4]);
+    g.hx = __fmul_rn(dmax, sx);
+    g.hy = __fmul_rn(dmax, sy);
+    g.isx = 1.0f / sx;
+    g.isy = 1.0f / sy;
+    g.rho = rho;
+    g.hinv = 0.5f / ((1.0f - rho) * (1.0f + rho));
+    return g;
+}
+
+// Pixel centre 2 j / (n - 1) - 1 as hi + lo floats (hi is the rounded value).
+__device__ __forceinline__ float2 pixel_coord(int j, int n) {
+    const double c = (double)j * (2.0 / (double)(n - 1)) - 1.0;
+    const float hi = (float)c;
+    return make_float2(hi, (float)(c - (double)hi));
+}
+
+// Conservative box-vs-rectangle test: true whenever some pixel centre in [x_lo, x_hi] x [y_lo, y_hi]
+// can pass the exact per-pixel box test. The margin (1e-5 relative) absorbs every rounding of the
+// per-pixel test. Written with _rn intrinsics so that every kernel evaluates it bit for bit alike:
+// the deterministic reduction relies on re-deriving which tiles listed a token.
+__device__ __forceinline__ bool box_touches(const Geo& g, float x_lo, float x_hi, float y_lo, float y_hi) {
+    const float mxm = __fmul_rn(1e-5f, __fadd_rn(__fadd_rn(1.0f, fabsf(g.mx)), g.hx));
+    const float mym = __fmul_rn(1e-5f, __fadd_rn(__fadd_rn(1.0f, fabsf(g.my)), g.hy));
+    return __fsub_rn(g.mx, g.hx) <= __fadd_rn(x_hi, mxm) && __fadd_rn(g.mx, g.hx) >= __fsub_rn(x_lo, mxm) &&
+           __fsub_rn(g.my, g.hy) <= __fadd_rn(y_hi, mym) && __fadd_rn(g.my, g.hy) >= __fsub_rn(y_lo, mym);
+}
+
+// Bounds (first and last pixel centre, clamped to the map) of the rectangle of pixels
+// [x0, x0 + w) x [y0, y0 + h).
+struct Rect { float x_lo, x_hi, y_lo, y_hi; };
+__device__ __forceinline__ Rect pixel_rect(int x0, int y0, int w, int h, int W, int H) {
+    Rect r;
+    r.x_lo = pixel_coord(x0, W).x;
+    r.x_hi = pixel_coord(min(x0 + w, W) - 1, W).x;
+    r.y_lo = pixel_coord(y0, H).x;
+    r.y_hi = pixel_coord(min(y0 + h, H) - 1, H).x;
+    return r;
+}
+__device__ __forceinline__ bool box_touches(const Geo& g, const Rect& r) {
+    return box_touches(g, r.x_lo, r.x_hi, r.y_lo, r.y_hi);
+}
+
+// Everything the weight and its derivatives need at one pixel.
+struct Weight {
+    float g;        // the Gaussian weight (0 outside the box)
+    float ux, uy;   // dx / sx, dy / sy
+    float e, ep;    // ux - rho uy, uy - rho ux
+};
+__device__ __forceinline__ Weight pixel_weight(const Geo& gd, float2 px, float2 py) {
+    const float dx = (px.x - gd.mx) + px.y;
+    const float dy = (py.x - gd.my) + py.y;
+    Weight w;
+    w.ux = dx * gd.isx;
+    w.uy = dy * gd.isy;
+    w.e = fmaf(-gd.rho, w.uy, w.ux);
+    w.ep = fmaf(-gd.rho, w.ux, w.uy);
+    const float q = fmaf(w.e * w.e, gd.hinv, 0.5f * w.uy * w.uy);
+    const bool inside = fabsf(dx) <= gd.hx && fabsf(dy) <= gd.hy;
+    w.g = inside ? __expf(-q) : 0.0f;
+    return w;
+}
+
+// ---- culling a round of tokens into the block's shared list ----
+// Tests tokens [base, base + ROUND) against the tile, writes the hits in token order to geo_s and
+// idx_s, stages their features (padded to CPT with zeros) in feat_s, and returns the list length.
+template <typename T, int CPT, int ROUND>
+__device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C, float dmax, const Rect& tile,
+                                          Geo* geo_s, int* idx_s, float* feat_s, int* warp_count) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int D = 5 + C;
+    const int i = base + tid;
+    bool hit = false;
+    Geo gd;
+    if (tid < ROUND && i < N) {
+        gd = make_geo(tok_b + (size_t)i * D, dmax);
+        hit = box_touches(gd, tile);
+    }
+    const unsigned mask = __ballot_sync(FULL_MASK, hit);
+    if (lane == 0) warp_count[warp] = __popc(mask);
+    __syncthreads();
+    int offset = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        const int c = warp_count[w];
+        offset += (w < warp) ? c : 0;
+        total += c;
+    }
+    if (hit) {
+        const int slot = offset + __popc(mask & ((1u << lane) - 1u));
+        geo_s[slot] = gd;
+        idx_s[slot] = i;
+    }
+    __syncthreads();
+    for (int t = tid; t < total * CPT; t += THREADS) {
+        const int j = t / CPT, k = t % CPT;
+        feat_s[t] = (k < C) ? to_float(tok_b[(size_t)idx_s[j] * D + 5 + k]) : 0.0f;
+    }
+    __syncthreads();
+    return total;
+}
+
+// ---- forward ----
+template <typename T, int CPT>
+__device__ __forceinline__ void forward(const T* __restrict__ tokens, T* __restrict__ out, int N, int C, int H,
+                                        int W, float dmax) {
+    constexpr int ROUND = CPT <= 32 ? 256 : 128;
+    extern __shared__ float4 smem4[];
+    Geo* geo_s = reinterpret_cast<Geo*>(smem4);
+    float* feat_s = reinterpret_cast<float*>(geo_s + ROUND);
+    __shared__ int idx_s[ROUND];
+    __shared__ int warp_count[WARPS];
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int b = blockIdx.y;
+    const int tiles_x = (W + TILE - 1) / TILE;
+    const int tx0 = (blockIdx.x % tiles_x) * TILE, ty0 = (blockIdx.x / tiles_x) * TILE;
+    const int gx0 = tx0 + (warp & 1) * 8, gy0 = ty0 + (warp >> 1) * 4;
+    const int x = gx0 + (lane & 7), y = gy0 + (lane >> 3);
+    const bool group_in_map = gx0 < W && gy0 < H;
+    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H);
+    const Rect group = pixel_rect(min(gx0, W - 1), min(gy0, H - 1), 8, 4, W, H);
+    const float2 px = pixel_coord(x, W), py = pixel_coord(y, H);
+
+    const T* tok_b = tokens + (size_t)b * N * (5 + C);
+    float acc[CPT];
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) acc[k] = 0.0f;
+
+    for (int base = 0; base < N; base += ROUND) {
+        const int total = cull_round<T, CPT, ROUND>(tok_b, base, N, C, dmax, tile, geo_s, idx_s, feat_s, warp_count);
+        if (group_in_map) {
+            for (int wb = 0; wb < total; wb += 32) {
+                const int j = wb + lane;
+                unsigned hits = __ballot_sync(FULL_MASK, j < total && box_touches(geo_s[j], group));
+                while (hits) {
+                    const int jj = wb + __ffs(hits) - 1;
+                    hits &= hits - 1u;
+                    const float g = pixel_weight(geo_s[jj], px, py).g;
+                    const float4* f4 = reinterpret_cast<const float4*>(feat_s + jj * CPT);
+#pragma unroll
+                    for (int k4 = 0; k4 < CPT / 4; ++k4) {
+                        const float4 f = f4[k4];
+                        acc[4 * k4 + 0] = fmaf(g, f.x, acc[4 * k4 + 0]);
+                        acc[4 * k4 + 1] = fmaf(g, f.y, acc[4 * k4 + 1]);
+                        acc[4 * k4 + 2] = fmaf(g, f.z, acc[4 * k4 + 2]);
+                        acc[4 * k4 + 3] = fmaf(g, f.w, acc[4 * k4 + 3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // the next round overwrites the shared list
+    }
+    if (x < W && y < H) {
+        T* o = out + (size_t)b * C * H * W + (size_t)y * W + x;
+#pragma unroll
+        for (int k = 0; k < CPT; ++k)
+            if (k < C) o[(size_t)k * H * W] = from_float<T>(acc[k]);
+    }
+}
+
+// ---- warp reduction of many values at once ----
+// Sums each of V per-lane values over the 32 lanes with about V shuffles in all (instead of 5 V):
+// at each butterfly step a lane keeps one half of its values and trades the other half with its
+// partner. Afterwards, for V >= 32, lane l holds the sums of values (V/32) l + i in v[i]; for V < 32,
+// lane l holds the sum of value l / (32 / V) in v[0].
+template <int N, int OFFSET, int M>
+__device__ __forceinline__ void transpose_reduce(float (&v)[M], int lane) {
+    if constexpr (N >= 2) {
+        constexpr int HALF = N / 2;
+        const bool upper = (lane & OFFSET) != 0;
+#pragma unroll
+        for (int i = 0; i < HALF; ++i) {
+            const float send = upper ? v[i] : v[i + HALF];
+            const float keep = upper ? v[i + HALF] : v[i];
+            v[i] = keep + __shfl_xor_sync(FULL_MASK, send, OFFSET);
+        }
+        if constexpr (OFFSET > 1) transpose_reduce<HALF, OFFSET / 2>(v, lane);
+    } else {
+        v[0] += __shfl_xor_sync(FULL_MASK, v[0], OFFSET);
+        if constexpr (OFFSET > 1) transpose_reduce<1, OFFSET / 2>(v, lane);
+    }
+}
+
+// ---- backward ----
+// grad: (B, N, 5 + C) fp32. Non-deterministic mode: pre-zeroed, atomically accumulated.
+// Deterministic mode: a (B, tiles, N, 5 + C) buffer; only the entries of listed tokens are written.
+template <typename T, int CPT, bool DETERMINISTIC>
+__device__ __forceinline__ void backward(const T* __restrict__ tokens, const T* __restrict__ dout,
+                                         float* __restrict__ grad, int N, int C, int H, int W, float dmax) {
+    constexpr int ROUND = CPT <= 32 ? 256 : 128;
+    constexpr int DSTRIDE = CPT + 4;  // padded row of the staged dL/dout: conflict-free float4 reads
+    extern __shared__ float4 smem4[];
+    Geo* geo_s = reinterpret_cast<Geo*>(smem4);
+    float* feat_s = reinterpret_cast<float*>(geo_s + ROUND);
+    float* dout_s = feat_s + ROUND * CPT;
+    __shared__ int idx_s[ROUND];
+    __shared__ int warp_count[WARPS];
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int b = blockIdx.y;
+    const int tiles_x = (W + TILE - 1) / TILE;
+    const int num_tiles = tiles_x * ((H + TILE - 1) / TILE);
+    const int tx0 = (blockIdx.x % tiles_x) * TILE, ty0 = (blockIdx.x / tiles_x) * TILE;
+    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H);
+    const int D = 5 + C;
+
+    // Stage dL/dout of the tile: row p = 32 * group + lane, zeros outside the map and past C.
+    {
+        const int x = tx0 + (warp & 1) * 8 + (lane & 7), y = ty0 + (warp >> 1) * 4 + (lane >> 3);
+        const bool in_map = x < W && y < H;
+        const T* d = dout + (size_t)b * C * H * W + (size_t)y * W + x;
+#pragma unroll
+        for (int k = 0; k < CPT; ++k)
+            dout_s[tid * DSTRIDE + k] = (in_map && k < C) ? to_float(d[(size_t)k * H * W]) : 0.0f;
+    }
+
+    const T* tok_b = tokens + (size_t)b * N * D;
+    for (int base = 0; base < N; base += ROUND) {
+        const int total = cull_round<T, CPT, ROUND>(tok_b, base, N, C, dmax, tile, geo_s, idx_s, feat_s, warp_count);
+        for (int j = warp; j < total; j += WARPS) {
+            const Geo gd = geo_s[j];
+            const float4* f4 = reinterpret_cast<const float4*>(feat_s + j * CPT);
+            float dfeat[CPT];
+#pragma unroll
+            for (int k = 0; k < CPT; ++k) dfeat[k] = 0.0f;
+            // per-lane sums, in token component order: sigma_x, sigma_y, rho, mu_x, mu_y (3 pad)
+            float dgeo[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int grp = 0; grp < WARPS; ++grp) {
+                const int gx0 = tx0 + (grp & 1) * 8, gy0 = ty0 + (grp >> 1) * 4;
+                if (gx0 >= W || gy0 >= H) continue;
+                if (!box_touches(gd, pixel_rect(gx0, gy0, 8, 4, W, H))) continue;
+                const Weight w = pixel_weight(gd, pixel_coord(gx0 + (lane & 7), W), pixel_coord(gy0 + (lane >> 3), H));
+                const float4* d4 = reinterpret_cast<const float4*>(dout_s + (grp * 32 + lane) * DSTRIDE);
+                float d[CPT];
+                float dg = 0.0f;  // dL/dg at this pixel = sum_k dout_k f_k
+#pragma unroll
+                for (int k4 = 0; k4 < CPT / 4; ++k4) {
+                    const float4 dv = d4[k4], f = f4[k4];
+                    d[4 * k4 + 0] = dv.x; d[4 * k4 + 1] = dv.y; d[4 * k4 + 2] = dv.z; d[4 * k4 + 3] = dv.w;
+                    dg = fmaf(dv.x, f.x, fmaf(dv.y, f.y, fmaf(dv.z, f.z, fmaf(dv.w, f.w, dg))));
+                }
+#pragma unroll
+                for (int k = 0; k < CPT; ++k) dfeat[k] = fmaf(w.g, d[k], dfeat[k]);
+                const float t = w.g * dg;  // = -dL/dq
+                dgeo[0] = fmaf(t * w.e, w.ux, dgeo[0]);
+                dgeo[1] = fmaf(t * w.ep, w.uy, dgeo[1]);
+                dgeo[2] = fmaf(t * w.e, w.ep, dgeo[2]);
+                dgeo[3] = fmaf(t, w.e, dgeo[3]);
+                dgeo[4] = fmaf(t, w.ep, dgeo[4]);
+            }
+            transpose_reduce<CPT, 16>(dfeat, lane);
+            transpose_reduce<8, 16>(dgeo, lane);
+
+            float* g_out = DETERMINISTIC ? grad + (((size_t)b * num_tiles + blockIdx.x) * N + idx_s[j]) * D
+                                         : grad + ((size_t)b * N + idx_s[j]) * D;
+            // geometry: lane l holds component l / 4; scale by the chain-rule factors of the token
+            const int comp = lane >> 2;
+            if ((lane & 3) == 0 && comp < 5) {
+                const float inv_s = 2.0f * gd.hinv;  // 1 / (1 - rho^2)
+                const float scale = comp == 2 ? inv_s * inv_s : inv_s * ((comp == 0 || comp == 3) ? gd.isx : gd.isy);
+                const float val = scale * dgeo[0];
+                if (DETERMINISTIC) g_out[comp] = val; else atomicAdd(g_out + comp, val);
+            }
+            if constexpr (CPT >= 32) {
+#pragma unroll
+                for (int i = 0; i < CPT / 32; ++i) {
+                    const int k = (CPT / 32) * lane + i;
+                    if (k < C) {
+                        if (DETERMINISTIC) g_out[5 + k] = dfeat[i]; else atomicAdd(g_out + 5 + k, dfeat[i]);
+                    }
+                }
+            } else {
+                const int k = lane / (32 / CPT);
+                if (lane % (32 / CPT) == 0 && k < C) {
+                    if (DETERMINISTIC) g_out[5 + k] = dfeat[0]; else atomicAdd(g_out + 5 + k, dfeat[0]);
+                }
+            }
+        }
+        __syncthreads();  // the next round overwrites the shared list
+    }
+}
+
+// ---- deterministic mode: sum the per-tile partial gradients of each token in tile order ----
+// One warp per (image, token). The tiles that listed a token are re-derived with the same
+// box_touches test the backward used, so unwritten buffer entries are never read.
+template <typename T>
+__device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const float* __restrict__ partial,
+                                             float* __restrict__ grad, int B, int N, int C, int H, int W,
+                                             float dmax) {
+    const int lane = threadIdx.x & 31;
+    const long long item = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (item >= (long long)B * N) return;
+    const int b = (int)(item / N), i = (int)(item % N);
+    const int D = 5 + C;
+    const int tiles_x = (W + TILE - 1) / TILE, tiles_y = (H + TILE - 1) / TILE;
+    const Geo gd = make_geo(tokens + ((size_t)b * N + i) * D, dmax);
+    // candidate tile range from the box, one tile of slack each side (the exact test decides)
+    const float fx0 = ((gd.mx - gd.hx) + 1.0f) * 0.5f * (W - 1) / TILE, fx1 = ((gd.mx + gd.hx) + 1.0f) * 0.5f * (W - 1) / TILE;
+    const float fy0 = ((gd.my - gd.hy) + 1.0f) * 0.5f * (H - 1) / TILE, fy1 = ((gd.my + gd.hy) + 1.0f) * 0.5f * (H - 1) / TILE;
+    const int cx0 = (int)fminf(fmaxf(floorf(fx0) - 1.0f, 0.0f), (float)(tiles_x - 1));
+    const int cx1 = (int)fminf(fmaxf(floorf(fx1) + 1.0f, 0.0f), (float)(tiles_x - 1));
+    const int cy0 = (int)fminf(fmaxf(floorf(fy0) - 1.0f, 0.0f), (float)(tiles_y - 1));
+    const int cy1 = (int)fminf(fmaxf(floorf(fy1) + 1.0f, 0.0f), (float)(tiles_y - 1));
+    const int num_tiles = tiles_x * tiles_y;
+    for (int v0 = 0; v0 < D; v0 += 32) {
+        const int v = v0 + lane;
+        float sum = 0.0f;
+        for (int ty = cy0; ty <= cy1; ++ty)
+            for (int tx = cx0; tx <= cx1; ++tx) {
+                if (!box_touches(gd, pixel_rect(tx * TILE, ty * TILE, TILE, TILE, W, H))) continue;
+                if (v < D) sum += partial[(((size_t)b * num_tiles + ty * tiles_x + tx) * N + i) * D + v];
+            }
+        if (v < D) grad[((size_t)b * N + i) * D + v] = sum;
+    }
+}
+
+// ---- entry points ----
+// The host appends one `SPLAT_INSTANTIATE(storage type, CPT)` line per compiled variant, so each
+// program holds only the four kernels one (dtype, channel padding) pair needs.
+#define SPLAT_INSTANTIATE(T, CPT)                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                              \
+        render_forward(const T* tokens, T* out, int N, int C, int H, int W, float dmax) {             \
+        forward<T, CPT>(tokens, out, N, C, H, W, dmax);                                                \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) render_backward(                             \
+        const T* tokens, const T* dout, float* grad, int N, int C, int H, int W, float dmax) {        \
+        backward<T, CPT, false>(tokens, dout, grad, N, C, H, W, dmax);                                 \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) render_backward_deterministic(               \
+        const T* tokens, const T* dout, float* partial, int N, int C, int H, int W, float dmax) {     \
+        backward<T, CPT, true>(tokens, dout, partial, N, C, H, W, dmax);                               \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) reduce_tile_gradients(                       \
+        const T* tokens, const float* partial, float* grad, int B, int N, int C, int H, int W,         \
+        float dmax) {                                                                                  \
+        reduce_tiles<T>(tokens, partial, grad, B, N, C, H, W, dmax);                                   \
+    }

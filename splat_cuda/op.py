@@ -1,0 +1,161 @@
+"""The CUDA renderer as PyTorch custom ops (`torch.library`), with its autograd formula.
+
+`splat_cuda::render_forward(tokens, height, width, dmax, deterministic) -> (B, C, H, W)` and
+`splat_cuda::render_backward(tokens, grad_out, height, width, dmax, deterministic) -> (B, N, 5 + C)`
+each launch one kernel per batch (the deterministic backward adds one reduction kernel) on PyTorch's
+current stream, allocate only through PyTorch and never synchronise with the host, so they work in
+eager mode, under `torch.compile(fullgraph=True)` (the fake implementations give shapes) and inside
+CUDA-graph capture (after a first eager call has compiled and loaded the kernels).
+
+Accumulation is fp32 whatever the token dtype; the output has the tokens' dtype, and so does the
+gradient (computed in fp32, then cast). The default backward adds per-tile partial gradients with
+float atomics, whose order varies from run to run; `deterministic=True` stores them in a
+(B, tiles, N, 5 + C) fp32 buffer instead (4 * B * tiles * N * (5 + C) bytes) and sums it in a fixed
+tile order, which makes gradients bitwise repeatable.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from .compiler import THREADS, TILE, _import_cuda_core, channel_padding, load_kernels, shared_memory_bytes
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+_WARPS_PER_BLOCK = THREADS // 32
+
+
+def _tiles(height: int, width: int) -> int:
+    return ((height + TILE - 1) // TILE) * ((width + TILE - 1) // TILE)
+
+
+class _Launcher:
+    """Launches kernels on PyTorch's current stream of a tensor's device.
+
+    cuda.core wants the device's (primary) context current on the calling thread; autograd runs the
+    backward on its own threads, so each thread makes it current once per device.
+    """
+
+    def __init__(self) -> None:
+        self._core = _import_cuda_core()
+        self._thread = threading.local()
+
+    def __call__(self, kernel, device: torch.device, grid: tuple[int, int], shmem: int, *args) -> None:
+        core = self._core
+        ready = self._thread.__dict__.setdefault("devices", set())
+        if device.index not in ready:
+            core.Device(device.index).set_current()
+            ready.add(device.index)
+        stream = core.Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
+        config = core.LaunchConfig(grid=(grid[0], grid[1], 1), block=(THREADS, 1, 1), shmem_size=shmem)
+        core.launch(stream, config, kernel, *args)
+
+
+_launcher: _Launcher | None = None
+
+
+def _launch(kernel, device: torch.device, grid: tuple[int, int], shmem: int, *args) -> None:
+    global _launcher
+    if _launcher is None:
+        _launcher = _Launcher()
+    _launcher(kernel, device, grid, shmem, *args)
+
+
+def _kernels(tokens: torch.Tensor):
+    channels = tokens.shape[-1] - 5
+    return load_kernels(tokens.device.index, DTYPE_NAMES[tokens.dtype], channel_padding(channels))
+
+
+def _check_tokens(tokens: torch.Tensor) -> None:
+    if not tokens.is_cuda:
+        raise ValueError(f"splat_cuda CUDA op: tokens must be on a CUDA device, got {tokens.device}")
+    if tokens.dtype not in DTYPE_NAMES:
+        raise TypeError(f"splat_cuda CUDA op: tokens must be one of {list(DTYPE_NAMES)}, got {tokens.dtype}")
+    if tokens.dim() != 3 or tokens.shape[-1] <= 5:
+        raise ValueError(f"splat_cuda CUDA op: tokens must be (B, N, 5 + C), got {tuple(tokens.shape)}")
+    if not tokens.is_contiguous():
+        raise ValueError("splat_cuda CUDA op: tokens must be contiguous (splat_cuda.render makes them so)")
+
+
+@torch.library.custom_op("splat_cuda::render_forward", mutates_args=(), device_types="cuda")
+def render_forward(tokens: torch.Tensor, height: int, width: int, dmax: float, deterministic: bool) -> torch.Tensor:
+    """(B, N, 5 + C) tokens -> (B, C, H, W) map. `deterministic` only matters to the backward."""
+    _check_tokens(tokens)
+    batch, num, dim = tokens.shape
+    out = torch.empty(batch, dim - 5, height, width, dtype=tokens.dtype, device=tokens.device)
+    if out.numel() == 0:
+        return out
+    kernels = _kernels(tokens)
+    with torch.cuda.device(tokens.device):
+        _launch(kernels.forward, tokens.device, (_tiles(height, width), batch), shared_memory_bytes(kernels.cpt, False),
+                tokens.data_ptr(), out.data_ptr(), np.int32(num), np.int32(dim - 5), np.int32(height),
+                np.int32(width), np.float32(dmax))
+    return out
+
+
+@render_forward.register_fake
+def _render_forward_fake(tokens, height, width, dmax, deterministic):
+    batch, _, dim = tokens.shape
+    return tokens.new_empty(batch, dim - 5, height, width)
+
+
+@torch.library.custom_op("splat_cuda::render_backward", mutates_args=(), device_types="cuda")
+def render_backward(tokens: torch.Tensor, grad_out: torch.Tensor, height: int, width: int, dmax: float,
+                    deterministic: bool) -> torch.Tensor:
+    """dL/dtokens (B, N, 5 + C) from dL/dout (B, C, H, W), in the tokens' dtype."""
+    _check_tokens(tokens)
+    batch, num, dim = tokens.shape
+    expected = (batch, dim - 5, height, width)
+    if tuple(grad_out.shape) != expected:
+        raise ValueError(f"splat_cuda backward: grad_out must be {expected}, got {tuple(grad_out.shape)}")
+    if grad_out.device != tokens.device:
+        raise ValueError(f"splat_cuda backward: grad_out is on {grad_out.device}, tokens on {tokens.device}")
+    grad_out = grad_out.to(tokens.dtype).contiguous()
+    if tokens.numel() == 0 or grad_out.numel() == 0:
+        return torch.zeros_like(tokens)
+    kernels = _kernels(tokens)
+    tiles = _tiles(height, width)
+    shmem = shared_memory_bytes(kernels.cpt, True)
+    scalars = (np.int32(num), np.int32(dim - 5), np.int32(height), np.int32(width), np.float32(dmax))
+    with torch.cuda.device(tokens.device):
+        if deterministic:
+            partial = torch.empty(batch, tiles, num, dim, dtype=torch.float32, device=tokens.device)
+            grad = torch.empty(batch, num, dim, dtype=torch.float32, device=tokens.device)
+            _launch(kernels.backward_deterministic, tokens.device, (tiles, batch), shmem,
+                    tokens.data_ptr(), grad_out.data_ptr(), partial.data_ptr(), *scalars)
+            blocks = (batch * num + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
+            _launch(kernels.reduce_tile_gradients, tokens.device, (blocks, 1), 0,
+                    tokens.data_ptr(), partial.data_ptr(), grad.data_ptr(), np.int32(batch), *scalars)
+        else:
+            grad = torch.zeros(batch, num, dim, dtype=torch.float32, device=tokens.device)
+            _launch(kernels.backward, tokens.device, (tiles, batch), shmem,
+                    tokens.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), *scalars)
+    return grad.to(tokens.dtype)
+
+
+@render_backward.register_fake
+def _render_backward_fake(tokens, grad_out, height, width, dmax, deterministic):
+    return torch.empty_like(tokens)
+
+
+def _setup_context(ctx, inputs, output):
+    tokens, height, width, dmax, deterministic = inputs
+    ctx.save_for_backward(tokens)
+    ctx.render_args = (height, width, dmax, deterministic)
+
+
+def _backward(ctx, grad_out):
+    (tokens,) = ctx.saved_tensors
+    grad = render_backward(tokens, grad_out, *ctx.render_args)
+    return grad, None, None, None, None
+
+
+render_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def render_cuda(tokens: torch.Tensor, height: int, width: int, dmax: float = 3.0,
+                deterministic: bool = False) -> torch.Tensor:
+    """Render CUDA tokens (B, N, 5 + C), C <= 64, fp32/bf16/fp16 -> (B, C, H, W) with the kernels."""
+    return render_forward(tokens.contiguous(), int(height), int(width), float(dmax), bool(deterministic))
