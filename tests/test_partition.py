@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ from tokenizer.partition import (
     grey_image,
     max_tokens,
 )
-from tokenizer.partition import _RegionScorer
+from tokenizer.partition import _BIN_WIDTH, _EDGE_MARGIN, _RegionScorer
 
 IMAGES = range(6)
 TOKEN_COUNTS = (64, 128, 256)
@@ -127,6 +128,30 @@ def test_region_scores_equal_numpy_histogram():
     for (tile, y0, y1, x0, x1), entropy in zip(regions, entropies.tolist()):
         expected = baseline.baseline_region_score(greys[tile][y0:y1 + 1, x0:x1 + 1], 2.5)
         assert entropy**2.5 * (y1 - y0 + 1) * (x1 - x0 + 1) == expected
+
+
+def test_float32_magnitudes_stay_well_inside_the_edge_margin(fixtures):
+    """The fast binning trusts float32 Sobel magnitudes away from bin edges; check the error on hard inputs."""
+    rng = np.random.default_rng(3)
+    hard = [
+        rng.random((64, 64)),  # noise
+        np.indices((64, 64)).sum(0) % 2,  # checkerboard: the largest gradients
+        rng.random((64, 64)) ** 12,  # tiny values with widely spread exponents
+        np.kron(rng.random((8, 8)), np.ones((8, 8))),  # flat patches with steps
+    ]
+    real = [cv2.resize((grey_image(fixtures[f"image_{i}"]) + 1.0) / 2.0, (64, 64)) for i in IMAGES]
+    worst = 0.0
+    for unit in [image.astype(np.float32) for image in hard] + real:
+        scale = 1.0 / _BIN_WIDTH
+        fast = cv2.magnitude(
+            cv2.Sobel(unit, cv2.CV_32F, 1, 0, ksize=3, scale=scale, borderType=cv2.BORDER_REPLICATE),
+            cv2.Sobel(unit, cv2.CV_32F, 0, 1, ksize=3, scale=scale, borderType=cv2.BORDER_REPLICATE),
+        )
+        grad_x = cv2.Sobel(unit, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+        grad_y = cv2.Sobel(unit, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+        exact = np.sqrt(grad_x**2 + grad_y**2) * scale
+        worst = max(worst, float(np.abs(fast - exact).max()))
+    assert worst < _EDGE_MARGIN / 5
 
 
 @pytest.mark.parametrize(

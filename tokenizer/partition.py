@@ -10,8 +10,9 @@ loop bit for bit (same regions, same token order) while being much faster:
 * The candidate list of the released loop is re-sorted (stable, descending) before every pick and the new
   children are appended at its end. The sorted order is therefore always "score descending, then creation
   order", which a heap keyed by (-score, creation index) gives without re-sorting.
-* The released loop scores one region per library call. Here all regions scored in one step of the greedy loop,
-  across every tile of every image of a batch, go through one vectorised pass (`_RegionScorer`).
+* The released loop scores one region per library call. Here the children of the next few picks of every tile
+  of every image of a batch are scored together in one vectorised pass (`_RegionScorer`); a region's score
+  does not depend on when it is computed, so computing it a little ahead changes nothing.
 * The exact histogram of float64 gradient magnitudes is the expensive part. It is computed from a float32
   approximation whose bin is provably right wherever the value is not within a small margin of a bin edge; the
   few pixels near an edge are recomputed in float64 by OpenCV itself (see `_RegionScorer`).
@@ -31,15 +32,18 @@ SCORE_SIDE = 64
 HIST_BINS = 512
 HIST_LOW, HIST_HIGH = -5.5, 5.5
 
-# Gradient magnitudes are >= 0, so only the upper half of the bins is ever hit. Bin `HIST_BINS // 2 + j` holds
-# magnitudes m with j * BIN_WIDTH <= m < (j + 1) * BIN_WIDTH; BIN_WIDTH = 11/512 is a dyadic fraction, so these
+# Gradient magnitudes are >= 0, so only the upper half of the bins is ever hit: bin `HIST_BINS // 2 + j` holds
+# magnitudes m with j * _BIN_WIDTH <= m < (j + 1) * _BIN_WIDTH. _BIN_WIDTH = 11/512 is a dyadic fraction, so these
 # edges are exactly numpy's `histogram` edges, and numpy's edge-corrected binning equals this exact rule.
+# The resized region holds values in [0, 1], where a 3x3 Sobel magnitude is at most sqrt(20) ~ 4.47 (the
+# maximum of this convex function sits on a corner of [0, 1]^9): the 5.5 end of the range is never reached,
+# nothing is dropped, and j stays below 209.
 _BIN_WIDTH = (HIST_HIGH - HIST_LOW) / HIST_BINS
 _ZERO_BIN = HIST_BINS // 2
-_MAGNITUDE_BINS = HIST_BINS - _ZERO_BIN  # bins for magnitudes in [0, 5.5]
+_MAGNITUDE_BINS = HIST_BINS - _ZERO_BIN
 # Margin (in bin widths) around a bin edge inside which the float32 approximation is not trusted. The float32
-# Sobel + magnitude differs from the float64 one by less than 2e-4 bin widths (a few float32 roundings of
-# values <= 4 * 46.5); the margin leaves a factor of ten.
+# Sobel + magnitude differs from the float64 one by a few float32 roundings of values below 210, about 1e-4 bin
+# widths (tests/test_partition.py checks the bound on hard images); the margin leaves a factor of ten or more.
 _EDGE_MARGIN = 2e-3
 
 # The released code turns uint8 into float32 through float64: (u / 127.5 - 1).astype(float32).
@@ -172,60 +176,86 @@ class _RegionScorer:
     definition, called per region exactly as the released code does), 3x3 Sobel in x and y with replicated border
     in float64, magnitude sqrt(gx^2 + gy^2), 512-bin histogram over [-5.5, 5.5], entropy in bits.
 
-    All resized regions are stacked into one tall float32 image with one replicated row above and below each
-    region, so a single Sobel call over the stack gives every region its own replicated-border result. The
-    Sobel and magnitude are taken in float32, scaled to bin units, and floored to bins. A pixel whose scaled
-    magnitude lies within `_EDGE_MARGIN` of a bin edge (other than 0, which every magnitude clears) is
-    recomputed exactly: OpenCV's float64 Sobel of its 3x3 neighbourhood, float64 magnitude, exact bin.
+    Speed comes from doing the per-pixel work in a few fused OpenCV passes over all regions side by side:
+
+    * Each resized region sits in a 66x66 block of one wide float32 image, its border rows and columns replicated,
+      so one Sobel call gives every region its own replicated-border result.
+    * The Sobel and magnitude are taken in float32, already scaled to bin widths (`v`). They differ from the
+      float64 values by far less than `_EDGE_MARGIN` bin widths, so `floor(v - margin) == floor(v + margin)`
+      proves the exact bin. Both floors come from one saturating float -> uint8 conversion each, and a 2-D
+      uint8 histogram over (region id, bin) counts all regions in one pass.
+    * The few pixels near a bin edge (about 0.4 %) are recomputed exactly: OpenCV's own
+      float64 Sobel of their 3x3 neighbourhood, float64 magnitude, exact bin, and the counts are corrected.
     """
 
-    _ROWS = SCORE_SIDE + 2  # each region's block in the stack: a replicated row, 64 rows, a replicated row
+    _BLOCK = SCORE_SIDE + 2  # a region's block: replicated border, 64 pixels, replicated border
+    # Regions per pass: small enough for the float32 images to stay in cache (and for uint8 region ids; id 255
+    # marks the border pixels, which are not counted).
+    _MAX_REGIONS = 64
+
+    def __init__(self):
+        self._region_ids: dict[int, np.ndarray] = {}
 
     def entropies(self, tiles: list[np.ndarray], regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
         """regions: (tile index, y0, y1, x0, x1), inclusive. Returns float64 entropies, one per region."""
-        count = len(regions)
-        rows = self._ROWS
-        stack = np.empty((count * rows, SCORE_SIDE), np.float32)
-        blocks = stack.reshape(count, rows, SCORE_SIDE)
-        for k, (tile, y0, y1, x0, x1) in enumerate(regions):
-            cv2.resize(tiles[tile][y0:y1 + 1, x0:x1 + 1], (SCORE_SIDE, SCORE_SIDE), dst=blocks[k, 1:-1])
-        blocks[:, 0] = blocks[:, 1]
-        blocks[:, -1] = blocks[:, -2]
-
-        inner = blocks[:, 1:-1]
-        bins_per_unit = 1.0 / _BIN_WIDTH
-        grad_x = cv2.Sobel(stack, cv2.CV_32F, 1, 0, ksize=3, scale=bins_per_unit, borderType=cv2.BORDER_REPLICATE)
-        grad_y = cv2.Sobel(stack, cv2.CV_32F, 0, 1, ksize=3, scale=bins_per_unit, borderType=cv2.BORDER_REPLICATE)
-        scaled = cv2.magnitude(grad_x, grad_y).reshape(count, rows, SCORE_SIDE)[:, 1:-1]
-
-        bins = scaled.astype(np.intp)  # floor, values are >= 0
-        distance = np.rint(scaled)
-        np.subtract(scaled, distance, out=distance)
-        np.abs(distance, out=distance)
-        near_edge = (distance < _EDGE_MARGIN) & (scaled > 0.5)
-        region_of, row_of, col_of = np.nonzero(near_edge)
-        if len(region_of):
-            bins[region_of, row_of, col_of] = self._exact_bins(inner, region_of, row_of, col_of)
-
-        # Per-region counts of bins 0.._MAGNITUDE_BINS-1; everything else (magnitude > 5.5) is dropped.
-        bins = np.minimum(bins, _MAGNITUDE_BINS, out=bins)
-        bins += (np.arange(count) * (_MAGNITUDE_BINS + 1))[:, None, None]
-        counts = np.bincount(bins.ravel(), minlength=count * (_MAGNITUDE_BINS + 1))
-        histogram = np.zeros((count, HIST_BINS), np.int64)
-        histogram[:, _ZERO_BIN:] = counts.reshape(count, _MAGNITUDE_BINS + 1)[:, :-1]
+        chunks = [regions[start:start + self._MAX_REGIONS] for start in range(0, len(regions), self._MAX_REGIONS)]
+        histogram = np.zeros((len(regions), HIST_BINS), np.int64)
+        histogram[:, _ZERO_BIN:] = np.concatenate([self._magnitude_counts(tiles, chunk) for chunk in chunks])
         return _histogram_entropy(histogram)
 
-    @staticmethod
-    def _exact_bins(resized: np.ndarray, region_of, row_of, col_of) -> np.ndarray:
-        """Exact histogram bins (0-based above the zero bin) of selected pixels of the (K, 64, 64) resized stack.
+    def _magnitude_counts(self, tiles, regions) -> np.ndarray:
+        """int64 (K, 256) counts of the magnitude bins [j, j + 1) * _BIN_WIDTH of each region."""
+        count, block = len(regions), self._BLOCK
+        wide = np.empty((block, count * block), np.float32)
+        blocks = wide.reshape(block, count, block)
+        for k, (tile, y0, y1, x0, x1) in enumerate(regions):
+            left = k * block + 1
+            cv2.resize(tiles[tile][y0:y1 + 1, x0:x1 + 1], (SCORE_SIDE, SCORE_SIDE), dst=wide[1:-1, left:left + SCORE_SIDE])
+        blocks[:, :, 0] = blocks[:, :, 1]
+        blocks[:, :, -1] = blocks[:, :, -2]
+        blocks[0] = blocks[1]
+        blocks[-1] = blocks[-2]
 
-        The float64 Sobel of a pixel only reads its 3x3 neighbourhood (replicated at the region border), so the
-        neighbourhoods are stacked into one (3P, 3) image and OpenCV's own Sobel gives each centre's value.
+        bins_per_unit = 1.0 / _BIN_WIDTH
+        grad_x = cv2.Sobel(wide, cv2.CV_32F, 1, 0, ksize=3, scale=bins_per_unit, borderType=cv2.BORDER_REPLICATE)
+        grad_y = cv2.Sobel(wide, cv2.CV_32F, 0, 1, ksize=3, scale=bins_per_unit, borderType=cv2.BORDER_REPLICATE)
+        scaled = cv2.magnitude(grad_x, grad_y)
+        # Saturating round(v - 0.5 -/+ margin) to uint8 = floor(v -/+ margin), clamped to [0, 255].
+        low = cv2.add(scaled, -0.5 - _EDGE_MARGIN, dtype=cv2.CV_8U)
+        high = cv2.add(scaled, -0.5 + _EDGE_MARGIN, dtype=cv2.CV_8U)
+        counts = cv2.calcHist(
+            [self._ids(count), low], [0, 1], None, [count, _MAGNITUDE_BINS], [0, count, 0, _MAGNITUDE_BINS]
+        )
+        counts = counts.astype(np.int64)
+
+        unsure = cv2.findNonZero(cv2.compare(low, high, cv2.CMP_NE))
+        if unsure is not None:
+            cols, rows = unsure.reshape(-1, 2).T.astype(np.intp)
+            inner = (rows >= 1) & (rows <= SCORE_SIDE) & (cols % block >= 1) & (cols % block <= SCORE_SIDE)
+            rows, cols = rows[inner], cols[inner]
+            region_of = cols // block
+            np.subtract.at(counts, (region_of, low[rows, cols]), 1)
+            np.add.at(counts, (region_of, self._exact_bins(wide, rows, cols)), 1)
+        return counts
+
+    def _ids(self, count: int) -> np.ndarray:
+        """uint8 image of the wide layout holding each pixel's region index, 255 on the replicated borders."""
+        if count not in self._region_ids:
+            ids = np.full((self._BLOCK, count, self._BLOCK), 255, np.uint8)
+            ids[1:-1, :, 1:-1] = np.arange(count, dtype=np.uint8)[None, :, None]
+            self._region_ids[count] = ids.reshape(self._BLOCK, count * self._BLOCK)
+        return self._region_ids[count]
+
+    @staticmethod
+    def _exact_bins(wide: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Exact magnitude bins (0-based, above the zero bin) of the given inner pixels of the wide image.
+
+        The float64 Sobel of a pixel only reads its 3x3 neighbourhood, which the replicated borders of its block
+        already hold, so the neighbourhoods are stacked into one (3P, 3) image and OpenCV's own Sobel gives each
+        centre's value.
         """
         offsets = np.arange(-1, 2)
-        rows = np.clip(row_of[:, None] + offsets, 0, SCORE_SIDE - 1)
-        cols = np.clip(col_of[:, None] + offsets, 0, SCORE_SIDE - 1)
-        patches = resized[region_of[:, None, None], rows[:, :, None], cols[:, None, :]]
+        patches = wide[(rows[:, None] + offsets)[:, :, None], (cols[:, None] + offsets)[:, None, :]]
         patches = np.ascontiguousarray(patches.reshape(-1, 3))
         grad_x = cv2.Sobel(patches, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)[1::3, 1]
         grad_y = cv2.Sobel(patches, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)[1::3, 1]
@@ -234,8 +264,6 @@ class _RegionScorer:
         # The estimate is off by at most one; the edges j * _BIN_WIDTH are exact doubles.
         estimate -= magnitude < estimate * _BIN_WIDTH
         estimate += magnitude >= (estimate + 1) * _BIN_WIDTH
-        # The last bin includes its right edge (5.5); larger magnitudes are dropped (bin _MAGNITUDE_BINS).
-        estimate[magnitude == HIST_HIGH] = _MAGNITUDE_BINS - 1
         return estimate
 
 
@@ -259,26 +287,46 @@ class _TileCandidates:
     entry of the sorted list. Regions too small to split are never picked, so they wait in `leaves`. The newest
     children are held apart until the next pick, because the released loop ends right after appending them,
     unsorted, to the end of the list.
+
+    A region's children and their scores do not depend on when they are computed, so they can be computed
+    ahead of the pick (`splits`): the greedy loop advances on its own as long as its next pick is ready.
     """
 
-    def __init__(self, min_size: int):
+    def __init__(self, root_score: float, root: tuple[int, int, int, int], min_size: int, steps: int):
         self.min_size = min_size
+        self.steps_left = steps
         self.heap: list[tuple[float, int, tuple[int, int, int, int]]] = []
         self.leaves: list[tuple[float, int, tuple[int, int, int, int]]] = []
-        self.newest: list[tuple[float, int, tuple[int, int, int, int]]] = []
-        self.created = 0
+        self.newest: list[tuple[float, int, tuple[int, int, int, int]]] = [(-root_score, 0, root)]
+        self.created = 1
+        self.splits: dict[tuple[int, int, int, int], list[tuple[float, tuple[int, int, int, int]]]] = {}
 
-    def append(self, scored_boxes: list[tuple[float, tuple[int, int, int, int]]]) -> None:
-        """Append new regions (score, (y0, y1, x0, x1)) to the end of the candidate list."""
-        self._settle_newest()
-        for score, box in scored_boxes:
-            self.newest.append((-score, self.created, box))
-            self.created += 1
+    def regions_to_split_next(self, lookahead: int) -> list[tuple[int, int, int, int]]:
+        """The best `lookahead` splittable candidates whose split is not known yet (none if the next pick is).
 
-    def pop_best_splittable(self) -> tuple[int, int, int, int]:
-        """Remove and return the first splittable region of the list sorted by score (stable, descending)."""
+        All of them are picked eventually unless the token count is reached first, so at most `lookahead`
+        splits are computed in vain; `lookahead` is capped by the splits still to do.
+        """
+        if not self.steps_left:
+            return []  # the newest children must stay unsorted at the end
         self._settle_newest()
-        return heapq.heappop(self.heap)[2]
+        if self.heap[0][2] in self.splits:
+            return []
+        best = heapq.nsmallest(min(lookahead, self.steps_left), self.heap)
+        return [box for _, _, box in best if box not in self.splits]
+
+    def advance(self) -> None:
+        """Split the best splittable candidate, as long as its split is known and tokens are missing."""
+        while self.steps_left:
+            self._settle_newest()
+            box = self.heap[0][2]
+            if box not in self.splits:
+                return
+            heapq.heappop(self.heap)
+            for score, child in self.splits.pop(box):
+                self.newest.append((-score, self.created, child))
+                self.created += 1
+            self.steps_left -= 1
 
     def final_boxes(self) -> list[tuple[int, int, int, int]]:
         """Boxes in the released final list order: the sorted candidates, then the newest ones as appended."""
@@ -313,12 +361,26 @@ def _split_options(box: tuple[int, int, int, int], min_size: int) -> list[list[t
     return options
 
 
+def _chosen_split(scored_options: list[list[tuple[float, tuple[int, int, int, int]]]]):
+    """A square region is split along x only when x's weaker child is strictly weaker than y's (ties go to y)."""
+    if len(scored_options) == 1:
+        return scored_options[0]
+    x_split, y_split = scored_options
+    return x_split if min(s for s, _ in x_split) < min(s for s, _ in y_split) else y_split
+
+
 def _partition_tiles(
-    units: list[np.ndarray], biases: list[np.ndarray] | None, num_tokens: int, min_size: int, weight: float
+    units: list[np.ndarray],
+    biases: list[np.ndarray] | None,
+    num_tokens: int,
+    min_size: int,
+    weight: float,
+    lookahead: int = 16,
 ) -> list[list[tuple[int, int, int, int]]]:
     """Run the greedy loop on many tiles in lockstep; returns each tile's boxes (y0, y1, x0, x1) in token order.
 
-    units: float32 tiles of (grey + 1) / 2; biases: matching float32 bias tiles, or None.
+    units: float32 tiles of (grey + 1) / 2; biases: matching float32 bias tiles, or None. Each round scores, in
+    one pass, the children of up to `lookahead` upcoming picks of every unfinished tile.
     """
     scorer = _RegionScorer()
 
@@ -332,26 +394,25 @@ def _partition_tiles(
             result.append(score)
         return result
 
-    states = [_TileCandidates(min_size) for _ in units]
     roots = [(tile, (0, unit.shape[0] - 1, 0, unit.shape[1] - 1)) for tile, unit in enumerate(units)]
-    for (tile, box), score in zip(roots, scores(roots)):
-        states[tile].append([(score, box)])
-
-    for _ in range(num_tokens - 1):
-        requests, options_per_tile = [], []
-        for tile, state in enumerate(states):
-            options = _split_options(state.pop_best_splittable(), min_size)
-            options_per_tile.append(options)
-            requests += [(tile, child) for option in options for child in option]
+    states = [
+        _TileCandidates(score, box, min_size, num_tokens - 1) for (_, box), score in zip(roots, scores(roots))
+    ]
+    while True:
+        pending = [
+            (tile, box, _split_options(box, min_size))
+            for tile, state in enumerate(states)
+            for box in state.regions_to_split_next(lookahead)
+        ]
+        if not pending:
+            break
+        requests = [(tile, child) for tile, _, options in pending for option in options for child in option]
         flat_scores = iter(scores(requests))
-        for state, options in zip(states, options_per_tile):
+        for tile, box, options in pending:
             scored = [[(next(flat_scores), child) for child in option] for option in options]
-            if len(scored) == 2:  # square: x only when its weaker child is strictly weaker than y's
-                x_split, y_split = scored
-                chosen = x_split if min(s for s, _ in x_split) < min(s for s, _ in y_split) else y_split
-            else:
-                chosen = scored[0]
-            state.append(chosen)
+            states[tile].splits[box] = _chosen_split(scored)
+        for state in states:
+            state.advance()
     return [state.final_boxes() for state in states]
 
 
