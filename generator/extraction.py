@@ -110,7 +110,8 @@ def extract_tokens(tokenizer: GPSToken, images: torch.utils.data.Dataset, num_cl
         raise ValueError("extract_tokens: the image dataset is empty")
     plan = ShardPlan(num_samples=len(images), shard_size=settings.shard_size, num_tokens=num_tokens,
                      token_dim=config.token_dim, variants=("original", "hflip") if settings.hflip else ("original",),
-                     num_classes=num_classes, tokenizer=settings.tokenizer_description)
+                     num_classes=num_classes, tile_size=config.tile_size, min_size=config.partition_min_size,
+                     tokenizer=settings.tokenizer_description)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     main = rank == 0
     if main:

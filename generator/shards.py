@@ -61,10 +61,12 @@ class ShardPlan:
     token_dim: int                      # 5 + C
     variants: tuple[str, ...] = ("original",)
     num_classes: int = 0                # labels lie in [0, num_classes)
-    tokenizer: str = ""                 # free text describing the tokenizer (config name, weights file)
+    tile_size: int = 256                # side of the images (one tokenizer tile) ...
+    min_size: int = 8                   # ... and the partition's min_size: what calibration needs to know
+    tokenizer: str = ""                # free text describing the tokenizer (config name, weights file)
 
     def __post_init__(self) -> None:
-        for key in ("num_samples", "shard_size", "num_tokens", "num_classes"):
+        for key in ("num_samples", "shard_size", "num_tokens", "num_classes", "tile_size", "min_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"shard plan: {key} must be >= 1, got {getattr(self, key)}")
         if self.token_dim <= GEOMETRY_DIM:
@@ -86,7 +88,8 @@ class ShardPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": self.num_samples,
                 "shard_size": self.shard_size, "num_tokens": self.num_tokens, "token_dim": self.token_dim,
-                "variants": list(self.variants), "num_classes": self.num_classes, "tokenizer": self.tokenizer}
+                "variants": list(self.variants), "num_classes": self.num_classes, "tile_size": self.tile_size,
+                "min_size": self.min_size, "tokenizer": self.tokenizer}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> "ShardPlan":
@@ -95,7 +98,8 @@ class ShardPlan:
         try:
             return cls(num_samples=data["num_samples"], shard_size=data["shard_size"], num_tokens=data["num_tokens"],
                        token_dim=data["token_dim"], variants=tuple(data["variants"]),
-                       num_classes=data["num_classes"], tokenizer=data.get("tokenizer", ""))
+                       num_classes=data["num_classes"], tile_size=data["tile_size"], min_size=data["min_size"],
+                       tokenizer=data.get("tokenizer", ""))
         except (KeyError, TypeError, ValueError) as error:
             raise ShardError(f"{where}: malformed index ({error})") from error
 

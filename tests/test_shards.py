@@ -11,23 +11,24 @@ import torch
 from generator.extraction import ExtractionSettings, extract_tokens
 from generator.shards import (ShardError, ShardPlan, TokenShardDataset, TokenShards, finalize_shards,
                               write_plan, write_shard)
-from tiny_generation import NUM_CLASSES, ToyImages, make_shards, tiny_tokenizer
+from tiny_generation import NUM_CLASSES, ToyImages, cached_shards, make_shards, tiny_tokenizer
 from tokenizer.partition import entropy_partition
 
 
+COUNT = 20  # shards of 8, 8 and 4 images
+
+
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("shards")
-    make_shards(directory, count=12, shard_size=5)
-    return directory
+def shard_dir():
+    return cached_shards(COUNT, shard_size=8)
 
 
 def test_shards_hold_the_tokenizer_output_of_both_variants(shard_dir):
     shards = TokenShards(shard_dir)
-    assert len(shards) == 12 and shards.num_variants == 2 and shards.plan.num_shards == 3
-    assert shards.labels.tolist() == [i % NUM_CLASSES for i in range(12)]
-    tokenizer, images = tiny_tokenizer(), ToyImages(12)
-    for index in (0, 7, 11):  # first, middle and last (short) shard
+    assert len(shards) == COUNT and shards.num_variants == 2 and shards.plan.num_shards == 3
+    assert shards.labels.tolist() == [i % NUM_CLASSES for i in range(COUNT)]
+    tokenizer, images = tiny_tokenizer(), ToyImages(COUNT)
+    for index in (0, 10, COUNT - 1):  # first, middle and last (short) shard
         image, label = images[index]
         for variant, pixels in enumerate((image, np.ascontiguousarray(image[:, ::-1]))):
             part = entropy_partition(pixels, 16, tile_size=64)
@@ -43,8 +44,8 @@ def test_shards_hold_the_tokenizer_output_of_both_variants(shard_dir):
 
 def test_statistics_are_residual_channel_moments(shard_dir):
     shards = TokenShards(shard_dir)
-    tokens = np.stack([shards.sample(i, v)[0] for i in range(12) for v in range(2)]).astype(np.float64)
-    layout = np.stack([shards.sample(i, v)[1] for i in range(12) for v in range(2)]).astype(np.float64)
+    tokens = np.stack([shards.sample(i, v)[0] for i in range(COUNT) for v in range(2)]).astype(np.float64)
+    layout = np.stack([shards.sample(i, v)[1] for i in range(COUNT) for v in range(2)]).astype(np.float64)
     residual = tokens.copy()
     residual[..., :5] -= layout
     stats = shards.stats()
@@ -53,7 +54,7 @@ def test_statistics_are_residual_channel_moments(shard_dir):
     np.testing.assert_allclose(stats.tokens.std, np.where(std > 1e-6, std, 1.0), rtol=1e-5)
     np.testing.assert_allclose(stats.layout_mean, layout.reshape(-1, 5).mean(0), atol=1e-6)
     assert stats.layout_std[2] == 1.0  # rho of the init geometry is constant 0
-    assert stats.count == 12 * 2 * 16
+    assert stats.count == COUNT * 2 * 16
 
 
 def test_dataset_draw_seed_picks_a_variant(shard_dir):
@@ -72,23 +73,23 @@ def test_dataset_draw_seed_picks_a_variant(shard_dir):
 def test_extraction_resumes_only_unfinished_shards(tmp_path, shard_dir):
     shutil.copytree(shard_dir, tmp_path / "s", dirs_exist_ok=True)
     directory = tmp_path / "s"
-    for path in directory.glob("shard_00001.*"):
+    for path in directory.glob("shard_00002.*"):
         path.unlink()
     index = json.loads((directory / "index.json").read_text())
     (directory / "index.json").write_text(json.dumps({**index, "complete": False}))
-    with pytest.raises(ShardError, match="shard_00001.json"):
+    with pytest.raises(ShardError, match="shard_00002.json"):
         TokenShards(directory)
 
     tokenizer = tiny_tokenizer()
     calls = []
     original_encode = tokenizer.encode
     tokenizer.encode = lambda *a: calls.append(a[0].shape[0]) or original_encode(*a)
-    extract_tokens(tokenizer, ToyImages(12), NUM_CLASSES,
-                   ExtractionSettings(str(directory), shard_size=5, batch_size=8, num_workers=0, hflip=True,
+    extract_tokens(tokenizer, ToyImages(COUNT), NUM_CLASSES,
+                   ExtractionSettings(str(directory), shard_size=8, batch_size=8, num_workers=0, hflip=True,
                                       tokenizer_description="tiny random"))
-    assert sum(calls) == 5 * 2  # one shard of 5 images, two variants each
+    assert sum(calls) == 4 * 2  # the last shard: 4 images, two variants each
     reference, resumed = TokenShards(shard_dir), TokenShards(directory)
-    for index in range(12):
+    for index in range(COUNT):
         np.testing.assert_array_equal(reference.sample(index, 1)[0], resumed.sample(index, 1)[0])
     assert reference.stats() == resumed.stats()
 
@@ -96,7 +97,7 @@ def test_extraction_resumes_only_unfinished_shards(tmp_path, shard_dir):
 def test_a_different_plan_in_the_same_directory_is_refused(tmp_path, shard_dir):
     shutil.copytree(shard_dir, tmp_path / "s")
     with pytest.raises(ShardError, match="different extraction"):
-        make_shards(tmp_path / "s", count=12, shard_size=4)
+        make_shards(tmp_path / "s", count=COUNT, shard_size=4)
 
 
 def test_missing_and_truncated_shards_name_the_file(tmp_path, shard_dir):

@@ -1,7 +1,10 @@
 """Tiny models and data for the generator tests: a random-weight tiny GPSToken, toy labelled images, shards."""
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +58,17 @@ def make_shards(directory: Path, count: int = 12, *, shard_size: int = 5, hflip:
     return extract_tokens(tokenizer or tiny_tokenizer(), ToyImages(count, seed), NUM_CLASSES,
                           ExtractionSettings(str(directory), shard_size=shard_size, batch_size=8, num_workers=0,
                                              hflip=hflip, tokenizer_description="tiny random"))
+
+
+_CACHE: dict[tuple, Path] = {}
+
+
+def cached_shards(count: int, seed: int = 0, *, shard_size: int = 8, hflip: bool = True) -> Path:
+    """Shards of `count` toy images, extracted once per test session (read-only: copy before changing them)."""
+    key = (count, seed, shard_size, hflip)
+    if key not in _CACHE:
+        directory = Path(tempfile.mkdtemp(prefix="gpstoken_shards_"))
+        atexit.register(shutil.rmtree, directory, True)
+        make_shards(directory, count, shard_size=shard_size, hflip=hflip, seed=seed)
+        _CACHE[key] = directory
+    return _CACHE[key]
