@@ -165,7 +165,11 @@ def _raise_shared_memory_limit(kernel, nbytes: int, device_index: int) -> None:
     from cuda.bindings import driver
 
     attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    (err,) = driver.cuKernelSetAttribute(attribute, nbytes, kernel.handle, device_index)
+    handle = kernel.handle
+    if isinstance(handle, driver.CUkernel):  # library-loaded kernel (cuda.core >= 0.3)
+        (err,) = driver.cuKernelSetAttribute(attribute, nbytes, handle, driver.CUdevice(device_index))
+    else:
+        (err,) = driver.cuFuncSetAttribute(handle, attribute, nbytes)
     if err != driver.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"splat_cuda: cannot grant {nbytes} bytes of shared memory to a kernel ({err})")
 

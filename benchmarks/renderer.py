@@ -1,0 +1,214 @@
+"""Check and time the GPS-token renderers in one run: `python3 benchmarks/renderer.py [--markdown FILE]`.
+
+On a GPU: for each issue size, checks the CUDA kernels against the float64 PyTorch reference, then
+times every variant (forward, backward, forward+backward in fp32, deterministic, bf16) and the
+PyTorch reference on the same inputs. GPU time per call comes from CUDA events around replays of a
+CUDA graph that holds `--calls` calls over rotating input sets (so there are no launch gaps and the
+inputs are not all cache-resident); the median over `--reps` replays is reported, after warm-up.
+"eager" is the same on plain Python calls, host overhead included. Bandwidth counts the map written
+(forward) and dL/dout read (backward) once, plus the tokens and their gradient.
+
+Without a GPU it times the PyTorch reference on the CPU (forward+backward) for the sizes of the
+reference renderer's issue.
+
+Token geometry imitates GPSToken's partition: sigma log-uniform in [0.5, 2] x (2/3)/sqrt(N) (the
+sigma of an average partition cell), rho uniform in (-0.9, 0.9), centres uniform over the map,
+features standard normal.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from splat_cuda import render_reference  # noqa: E402
+
+GPU_CASES = [  # name, B, N, C, map side
+    ("B64 N256 C32 64x64", 64, 256, 32, 64),
+    ("B16 N128 C16 64x64 (M128 batch)", 16, 128, 16, 64),
+    ("B4 N4096 C32 256x256 (high res)", 4, 4096, 32, 256),
+]
+CPU_CASES = [("B64 N256 C32 64x64", 64, 256, 32, 64), ("B1 N4096 C32 256x256", 1, 4096, 32, 256)]
+
+# Measured on one H200 with the released code (SPEC.md section 2), for the first size.
+RELEASED_MS = {"B64 N256 C32 64x64": (9.1, 488.0)}
+DENSE_FORMULA_MS = {"B64 N256 C32 64x64": 15.2}
+
+
+def make_tokens(batch, num, channels, seed, device, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    cell = (2.0 / 3.0) / num**0.5
+    sigma = cell * torch.exp(torch.empty(batch, num, 2).uniform_(-0.693, 0.693, generator=gen))
+    rho = torch.empty(batch, num, 1).uniform_(-0.9, 0.9, generator=gen)
+    mu = torch.empty(batch, num, 2).uniform_(-1.0, 1.0, generator=gen)
+    feats = torch.randn(batch, num, channels, generator=gen)
+    return torch.cat([sigma, rho, mu, feats], -1).to(device=device, dtype=dtype)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def graph_time_us(fn, inputs, calls, reps):
+    """Median GPU time per call (us) of `fn(*inputs[i % len(inputs)])`, replayed from a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in inputs:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(*inputs[i % len(inputs)])
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def eager_time_us(fn, inputs, calls, reps):
+    for args in inputs:
+        fn(*args)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(calls):
+            fn(*inputs[i % len(inputs)])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def run_gpu(args):
+    from splat_cuda import op, render
+
+    device = torch.device("cuda")
+    rows, checks = [], []
+    for name, batch, num, channels, side in GPU_CASES:
+        sets = [make_tokens(batch, num, channels, seed, device) for seed in range(args.sets)]
+        gouts = [torch.randn(batch, channels, side, side, device=device) for _ in range(args.sets)]
+
+        # correctness against the float64 reference, on the first input set
+        tok = sets[0].clone().requires_grad_()
+        out = render(tok, side)
+        out.backward(gouts[0])
+        ref_tok = sets[0].double().clone().requires_grad_()
+        ref = render_reference(ref_tok, side, side)
+        ref.backward(gouts[0].double())
+        checks.append((name, rel_err(out, ref), rel_err(tok.grad, ref_tok.grad)))
+
+        map_bytes = batch * channels * side * side * 4
+        token_bytes = sets[0].numel() * 4
+        variants = []
+        for dtype_label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            toks = [t.to(dtype) for t in sets]
+            gos = [g.to(dtype) for g in gouts]
+            fwd_in = [(t,) for t in toks]
+            both_in = list(zip(toks, gos))
+            esize = torch.tensor([], dtype=dtype).element_size()
+            fwd = lambda t: op.render_forward(t, side, side, 3.0, False)  # noqa: E731
+            bwd = lambda t, g: op.render_backward(t, g, side, side, 3.0, False)  # noqa: E731
+            both = lambda t, g: (fwd(t), bwd(t, g))  # noqa: E731
+            det = lambda t, g: (fwd(t), op.render_backward(t, g, side, side, 3.0, True))  # noqa: E731
+            map_b = map_bytes // 4 * esize
+            tok_b = token_bytes // 4 * esize
+            plan = [("forward", fwd, fwd_in, map_b + tok_b)]
+            if dtype == torch.float32:
+                plan += [("backward", bwd, both_in, map_b + 2 * tok_b)]
+            plan += [("fwd+bwd", both, both_in, 2 * map_b + 3 * tok_b)]
+            if dtype == torch.float32:
+                plan += [("fwd+bwd deterministic", det, both_in, 2 * map_b + 3 * tok_b)]
+            for label, fn, inputs, nbytes in plan:
+                t_graph = graph_time_us(fn, inputs, args.calls, args.reps)
+                t_eager = eager_time_us(fn, inputs, args.calls, max(3, args.reps // 4))
+                variants.append((f"cuda {dtype_label} {label}", t_graph, t_eager, nbytes / t_graph / 1e3))
+
+        def reference_step(t, g):
+            t = t.detach().requires_grad_()
+            render_reference(t, side, side).backward(g)
+
+        ref_us = eager_time_us(reference_step, list(zip(sets, gouts))[:2], 1, 3)
+        variants.append(("PyTorch reference fp32 fwd+bwd", ref_us, ref_us, float("nan")))
+        rows.append((name, variants))
+    return rows, checks
+
+
+def run_cpu(args):
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name, batch, num, channels, side in CPU_CASES:
+        tokens = make_tokens(batch, num, channels, 0, "cpu").requires_grad_()
+        times = []
+        for _ in range(args.cpu_reps):
+            start = time.perf_counter()
+            render_reference(tokens, side, side).square().mean().backward()
+            times.append(time.perf_counter() - start)
+            tokens.grad = None
+        rows.append((name, statistics.median(times)))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=50, help="calls per graph replay")
+    parser.add_argument("--reps", type=int, default=40, help="timed replays (median)")
+    parser.add_argument("--sets", type=int, default=4, help="rotating input sets")
+    parser.add_argument("--cpu", action="store_true", help="time the CPU reference even if a GPU exists")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for --cpu")
+    parser.add_argument("--cpu-reps", type=int, default=3)
+    parser.add_argument("--markdown", type=Path, help="also write the tables as Markdown to this file")
+    args = parser.parse_args()
+    lines = []
+    if torch.cuda.is_available() and not args.cpu:
+        rows, checks = run_gpu(args)
+        lines.append(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        lines.append("")
+        lines.append("| case | forward rel. err | gradient rel. err |")
+        lines.append("|---|---|---|")
+        lines += [f"| {n} | {f:.2e} | {g:.2e} |" for n, f, g in checks]
+        lines.append("")
+        lines.append("| case | variant | GPU us/call (graph) | us/call (eager) | GB/s | vs reference |")
+        lines.append("|---|---|---|---|---|---|")
+        for name, variants in rows:
+            ref_us = variants[-1][1]
+            for label, t_graph, t_eager, bw in variants:
+                bw_text = "" if bw != bw else f"{bw:.0f}"
+                lines.append(f"| {name} | {label} | {t_graph:.1f} | {t_eager:.1f} | {bw_text} | {ref_us / t_graph:.0f}x |")
+            if name in RELEASED_MS:
+                fwd_ms, bwd_ms = RELEASED_MS[name]
+                both = next(t for lab, t, _, _ in variants if lab == "cuda fp32 fwd+bwd")
+                lines.append(f"| {name} | released kernel (quoted) fwd {fwd_ms} ms + bwd {bwd_ms} ms | "
+                             f"{(fwd_ms + bwd_ms) * 1e3:.0f} | | | ours {((fwd_ms + bwd_ms) * 1e3) / both:.0f}x faster |")
+                lines.append(f"| {name} | dense formula (quoted) | {DENSE_FORMULA_MS[name] * 1e3:.0f} | | | "
+                             f"ours {DENSE_FORMULA_MS[name] * 1e3 / both:.0f}x faster |")
+    else:
+        rows = run_cpu(args)
+        lines.append(f"CPU reference forward+backward, {args.threads} threads, torch {torch.__version__}")
+        lines.append("")
+        lines.append("| case | seconds (median) |")
+        lines.append("|---|---|")
+        lines += [f"| {name} | {sec:.2f} |" for name, sec in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The CUDA renderer: NVRTC compilation on any machine, correctness and integration on a GPU.
+
+CPU-only CI compiles every kernel variant (syntax and template instantiation for all dtypes and
+channel paddings, and complete cubins for one variant) for sm_80 and sm_90. GPU tests compare
+against the float64 reference (`splat_cuda.render_reference`, itself checked against a dense
+oracle in test_render_reference.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splat_cuda import render, render_reference
+
+compiler = pytest.importorskip("splat_cuda.compiler")
+pytest.importorskip("cuda.core")
+
+ARCHS = ("sm_80", "sm_90")
+
+
+# ---------------------------------------------------------------- compilation (no GPU needed)
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_variant_parses_and_instantiates(arch):
+    for dtype_name in compiler.STORAGE_TYPES:
+        for cpt in compiler.CHANNEL_PADDINGS:
+            compiler.compile_variant(dtype_name, cpt, arch, syntax_only=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_variant_compiles_to_cubin(arch):
+    cubin = compiler.compile_variant("bfloat16", 4, arch)
+    assert cubin[:4] == b"\x7fELF"
+    for name in (b"render_forward", b"render_backward", b"render_backward_deterministic", b"reduce_tile_gradients"):
+        assert name in cubin
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_variant_compiles_to_cubin(arch):
+    for dtype_name in compiler.STORAGE_TYPES:
+        for cpt in compiler.CHANNEL_PADDINGS:
+            assert compiler.compile_variant(dtype_name, cpt, arch)[:4] == b"\x7fELF"
+
+
+def test_compile_error_names_the_variant(monkeypatch):
+    monkeypatch.setattr(compiler, "variant_source", lambda d, c: "this is not C++")
+    with pytest.raises(RuntimeError, match="float32/c8 for sm_90"):
+        compiler.compile_variant("float32", 8, "sm_90", syntax_only=True)
+
+
+def test_disk_cache_compiles_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLAT_CUDA_CACHE", str(tmp_path))
+    calls = []
+    real = compiler.compile_variant
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compiler, "compile_variant", counting)
+    first = compiler.cached_cubin("float32", 4, "sm_90")
+    second = compiler.cached_cubin("float32", 4, "sm_90")
+    assert first == second and len(calls) == 1
+    files = list(tmp_path.glob("*.cubin"))
+    assert len(files) == 1 and files[0].read_bytes() == first
+    compiler.cached_cubin("float32", 4, "sm_80")  # another architecture is another entry
+    assert len(list(tmp_path.glob("*.cubin"))) == 2 and len(calls) == 2
+
+
+def test_channel_padding_and_limits():
+    assert [compiler.channel_padding(c) for c in (1, 3, 4, 5, 16, 17, 33, 64)] == [4, 4, 4, 8, 16, 32, 64, 64]
+    with pytest.raises(ValueError, match="at most 64 channels"):
+        compiler.channel_padding(65)
+    with pytest.raises(TypeError, match="float64"):
+        compiler.variant_source("float64", 4)
+
+
+# ---------------------------------------------------------------- GPU
+
+def random_tokens(batch, num, channels, *, sigma=(0.01, 0.3), rho=0.999, centre=1.15, seed=0, device="cuda"):
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = torch.log(torch.tensor(sigma[0])), torch.log(torch.tensor(sigma[1]))
+    s = torch.exp(lo + (hi - lo) * torch.rand(batch, num, 2, generator=gen))
+    r = (2 * torch.rand(batch, num, 1, generator=gen) - 1) * rho
+    mu = (2 * torch.rand(batch, num, 2, generator=gen) - 1) * centre
+    f = torch.randn(batch, num, channels, generator=gen)
+    return torch.cat([s, r, mu, f], -1).to(device)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def cuda_and_reference(tokens, size, weight_seed=1):
+    """Forward and gradient (of sum(out * weight)) from the kernels and from the float64 reference."""
+    gen = torch.Generator().manual_seed(weight_seed)
+    batch, _, dim = tokens.shape
+    weight = torch.randn(batch, dim - 5, *size, generator=gen).to(tokens.device)
+    a = tokens.clone().requires_grad_()
+    out = render(a, size)
+    (out.double() * weight.double()).sum().backward()
+    b = tokens.double().clone().requires_grad_()
+    ref = render_reference(b, *size)
+    (ref * weight.double()).sum().backward()
+    return out, a.grad, ref, b.grad
+
+
+def assert_matches(tokens, size, fwd_tol=1e-5, grad_tol=1e-4):
+    out, grad, ref, ref_grad = cuda_and_reference(tokens, size)
+    assert out.dtype == tokens.dtype and out.shape == ref.shape
+    assert ref.abs().max() > 0.05, "test case renders an empty map"
+    assert rel_err(out, ref) <= fwd_tol
+    # gradients per component group, so that large ones cannot hide errors in small ones
+    for name, sl in (("sigma", slice(0, 2)), ("rho", slice(2, 3)), ("mu", slice(3, 5)), ("features", slice(5, None))):
+        assert rel_err(grad[..., sl], ref_grad[..., sl]) <= grad_tol, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels", [1, 3, 16, 32, 64])
+def test_channels(channels):
+    assert_matches(random_tokens(3, 200, channels, seed=channels), (64, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", [(16, 16), (37, 50), (63, 17), (128, 96)])
+def test_map_sizes(size):
+    assert_matches(random_tokens(2, 300, 8, seed=size[0]), size)
+
+
+@pytest.mark.gpu
+def test_one_token_and_tokens_outside_the_map():
+    assert_matches(random_tokens(4, 1, 5, sigma=(0.3, 0.6), centre=0.5, seed=2), (31, 33))
+    far = random_tokens(2, 50, 4, seed=3)
+    far[..., 3:5] = far[..., 3:5].sign() * (1.0 + 4.0 * far[..., 0:2])  # wholly outside: nothing drawn
+    inside = random_tokens(2, 50, 4, seed=4, centre=0.9)
+    assert_matches(torch.cat([far, inside], 1), (40, 40))
+    assert render(far, 40).abs().max() == 0
+
+
+@pytest.mark.gpu
+def test_extreme_geometry():
+    tokens = random_tokens(2, 400, 16, seed=5)
+    tokens[:, :100, 2] = torch.tensor([0.999, -0.999]).repeat(50).to(tokens.device)
+    tokens[:, 100:150, 0:2] = 1e-4                         # tiny sigma: at most a pixel lit
+    tokens[:, 100:150, 3:5] = torch.round((tokens[:, 100:150, 3:5] + 1) * 31.5) / 31.5 - 1  # on pixel centres
+    assert_matches(tokens, (64, 64))
+
+
+@pytest.mark.gpu
+def test_high_resolution_4096_tokens():
+    cell = (2.0 / 3.0) / 64
+    assert_matches(random_tokens(1, 4096, 32, sigma=(0.5 * cell, 3 * cell), centre=1.0, seed=6), (256, 256))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_features(dtype):
+    tokens = random_tokens(2, 200, 16, rho=0.9, seed=7).to(dtype)
+    out, grad, ref, ref_grad = cuda_and_reference(tokens, (48, 48))
+    assert out.dtype == dtype and grad.dtype == dtype
+    assert rel_err(out, ref) < 1e-2
+    assert rel_err(grad[..., 5:], ref_grad[..., 5:]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_deterministic_mode_is_bitwise_repeatable():
+    tokens = random_tokens(4, 500, 32, rho=0.9, seed=8)
+    gout = torch.randn(4, 32, 64, 64, device="cuda")
+
+    def grad(deterministic):
+        t = tokens.clone().requires_grad_()
+        render(t, 64, deterministic=deterministic).backward(gout)
+        return t.grad
+
+    first = grad(True)
+    for _ in range(3):
+        assert torch.equal(grad(True), first)
+    assert rel_err(grad(False), first) < 1e-6
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    tokens = random_tokens(2, 128, 16, seed=9).requires_grad_()
+    gout = torch.randn(2, 16, 64, 64, device="cuda")
+
+    def step():
+        out = render(tokens, 64)
+        (grad,) = torch.autograd.grad(out, tokens, gout)
+        return out, grad
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and load before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static, grad_static = step()
+    with torch.no_grad():
+        tokens.copy_(random_tokens(2, 128, 16, seed=10))
+    graph.replay()
+    out_eager, grad_eager = step()
+    torch.testing.assert_close(out_static, out_eager, rtol=0, atol=0)
+    torch.testing.assert_close(grad_static, grad_eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_and_opcheck():
+    from splat_cuda import op
+
+    tokens = random_tokens(2, 64, 8, seed=11)
+
+    def loss(t):
+        return render(t, (32, 40)).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    a, b = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
+    compiled(a).backward()
+    loss(b).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(op.render_forward, (tokens, 32, 40, 3.0, True))
+
+
+@pytest.mark.gpu
+def test_dispatch_and_errors():
+    tokens = random_tokens(2, 30, 70, seed=12)  # more channels than the kernels hold: reference
+    torch.testing.assert_close(render(tokens, 20), render_reference(tokens, 20, 20))
+    view = random_tokens(30, 2, 4, seed=13).transpose(0, 1)  # non-contiguous: copied first
+    torch.testing.assert_close(render(view, 24), render(view.contiguous(), 24), rtol=0, atol=0)
+    from splat_cuda import op
+
+    with pytest.raises(ValueError, match="contiguous"):
+        op.render_forward(view, 24, 24, 3.0, False)
+    with pytest.raises(ValueError, match="grad_out must be"):
+        op.render_backward(tokens[..., :9].contiguous(), torch.zeros(2, 4, 5, 5, device="cuda"), 6, 6, 3.0, False)
+    with pytest.raises(ValueError, match="on cpu"):
+        op.render_backward(tokens[..., :9].contiguous(), torch.zeros(2, 4, 6, 6), 6, 6, 3.0, False)
