@@ -1,8 +1,9 @@
 """Typed configuration of a GPSToken tokenizer, read from and written to YAML.
 
-A config file has one mapping per dataclass below (`encoder`, `decoder`, `training`) plus the token-level
-fields of `GPSTokenConfig`. Loading is strict: an unknown key or a value of the wrong type is an error that
-names it, so a typo never silently falls back to a default.
+A config file has the token-level fields of `GPSTokenConfig` plus one mapping each for `encoder` and
+`decoder`; training settings live in the trainer's own configs (`tokenizer.train`). Loading is strict: an
+unknown key or a value of the wrong type is an error that names it, so a typo never silently falls back
+to a default.
 
 The released configs (`configs/gpstoken_{s64,m128,l256}.yaml`) differ only in the number of tokens per tile
 and the texture width; everything else is shared (SPEC.md section 6).
@@ -43,24 +44,8 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
-    """Optimisation settings of the released tokenizer training (SPEC.md section 6)."""
-
-    learning_rate: float = 5e-5
-    betas: tuple[float, float] = (0.5, 0.9)
-    batch_size_per_gpu: int = 16
-    iterations: int = 1_000_000
-    ema_decay: float = 0.9999
-    pixel_weight: float = 1.0        # L2
-    lpips_weight: float = 1.0        # LPIPS (VGG), from step 0
-    feature_weight: float = 1.0      # MSE of InceptionV3 pool features, from step 0
-    gan_weight: float = 0.3          # times the adaptive weight, hinge PatchGAN
-    gan_start: int = 600_000
-
-
-@dataclass(frozen=True)
 class GPSTokenConfig:
-    """A whole tokenizer: token format, partition defaults, encoder, decoder and training settings."""
+    """A whole tokenizer: token format, partition defaults, encoder and decoder."""
 
     name: str = "gpstoken"
     num_tokens: int = 128          # tokens per tile produced by the partition by default (`gps_num`)
@@ -71,7 +56,6 @@ class GPSTokenConfig:
     partition_min_size: int = 8    # regions at most this size + 1 on both sides are not split
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self) -> None:
         positive = {
@@ -147,9 +131,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is tuple:
         args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
         items = args[:1] * len(value) if args[-1] is Ellipsis else args
-        if not isinstance(value, (list, tuple)) or len(items) != len(value):
-            raise ValueError(f"{where}: expected a list of {len(args) if args[-1] is not Ellipsis else 'any number of'} "
+        if not value or len(items) != len(value):
+            raise ValueError(f"{where}: expected {'a non-empty list' if args[-1] is Ellipsis else len(args)} "
                              f"values, got {value!r}")
         return tuple(_coerce(item, v, where) for item, v in zip(items, value))
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -92,42 +92,53 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def select_model_weights(checkpoint: Mapping[str, Any], prefer_ema: bool = True) -> dict[str, Any]:
-    """The model's tensors of a checkpoint under native names (prefixes stripped, EMA chosen, extras dropped)."""
-    plain: dict[str, Any] = {}
-    ema: dict[str, Any] = {}
-    for key, value in checkpoint.items():
+def select_model_weights(checkpoint: Mapping[str, Any],
+                         prefer_ema: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
+    """The model's tensors of a checkpoint under native names (prefixes stripped, EMA chosen, extras dropped),
+    and the name each had in the checkpoint."""
+    found: dict[bool, tuple[dict[str, Any], dict[str, str]]] = {True: ({}, {}), False: ({}, {})}
+    for source, value in checkpoint.items():
         if not isinstance(value, torch.Tensor):
             continue
-        key = _strip_wrappers(key)
-        target = ema if key.startswith(_EMA_PREFIX) else plain
-        key = _strip_wrappers(key[len(_EMA_PREFIX):]) if key.startswith(_EMA_PREFIX) else key
-        if key.startswith(MODEL_NAMESPACES):
-            name = native_key(key)
-            if name is None:
-                raise CheckpointMismatchError(f"checkpoint key '{key}' is in the model's namespace but matches "
-                                              "no known GPSToken tensor")
-            if name in target:
-                raise CheckpointMismatchError(f"checkpoint key '{key}' duplicates '{name}'")
-            target[name] = value
-    chosen, other = (ema, plain) if prefer_ema else (plain, ema)
-    return chosen or other
+        key = _strip_wrappers(source)
+        is_ema = key.startswith(_EMA_PREFIX)
+        key = _strip_wrappers(key[len(_EMA_PREFIX):]) if is_ema else key
+        if not key.startswith(MODEL_NAMESPACES):
+            continue
+        name = native_key(key)
+        if name is None:
+            raise CheckpointMismatchError(f"checkpoint key '{source}' is in the model's namespace but matches "
+                                          "no known GPSToken tensor")
+        weights, sources = found[is_ema]
+        if name in weights:
+            raise CheckpointMismatchError(f"checkpoint keys '{sources[name]}' and '{source}' both give '{name}'")
+        weights[name], sources[name] = value, source
+    chosen, other = found[prefer_ema], found[not prefer_ema]
+    return chosen if chosen[0] else other
 
 
-def match_state_dict(model: torch.nn.Module, weights: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Check native-named `weights` against the model key for key and shape; return them in model order."""
+def match_state_dict(model: torch.nn.Module, weights: Mapping[str, Any],
+                     sources: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Check native-named `weights` against the model key for key and shape; return them in model order.
+
+    Errors name the first offending key in model order, with its checkpoint name from `sources` if given.
+    """
+    def named(key: str) -> str:
+        source = (sources or {}).get(key, key)
+        return f"'{key}'" if source == key else f"'{source}' (model '{key}')"
+
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in weights:
             raise CheckpointMismatchError(f"checkpoint lacks '{key}' {tuple(tensor.shape)} (and "
                                           f"{sum(k not in weights for k in expected) - 1} more missing)")
         if tuple(weights[key].shape) != tuple(tensor.shape):
-            raise CheckpointMismatchError(f"checkpoint tensor '{key}' has shape {tuple(weights[key].shape)} but the "
-                                          f"model expects {tuple(tensor.shape)}: wrong config for this checkpoint?")
+            raise CheckpointMismatchError(f"checkpoint tensor {named(key)} has shape {tuple(weights[key].shape)} "
+                                          f"but the model expects {tuple(tensor.shape)}: wrong config?")
     unexpected = [key for key in weights if key not in expected]
     if unexpected:
         raise CheckpointMismatchError(f"checkpoint has {len(unexpected)} tensor(s) the model lacks, first "
-                                      f"'{unexpected[0]}' {tuple(weights[unexpected[0]].shape)}")
+                                      f"{named(unexpected[0])} {tuple(weights[unexpected[0]].shape)}")
     return {key: weights[key] for key in expected}
 
 
@@ -140,11 +151,11 @@ def load_released(path: str | Path, config: GPSTokenConfig | str, *, prefer_ema:
     """
     if not isinstance(config, GPSTokenConfig):
         config = load_config(config)
-    weights = select_model_weights(read_checkpoint(path), prefer_ema=prefer_ema)
+    weights, sources = select_model_weights(read_checkpoint(path), prefer_ema=prefer_ema)
     with torch.device("meta"):
         model = GPSToken(config)
     try:
-        matched = match_state_dict(model, weights)
+        matched = match_state_dict(model, weights, sources)
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(f"{path} (config '{config.name}'): {error}") from None
     state = {key: value.to(device=device, dtype=torch.float32) for key, value in matched.items()}
