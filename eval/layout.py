@@ -6,8 +6,9 @@ summarised by a fixed-length vector of fractions of its tokens (so layouts of di
 - density: where the centres are, a histogram over a coarse ``grid x grid`` partition of the tile (row-major);
 - size: ``log2 sqrt(sigma_x sigma_y)`` in ``size_bins`` equal bins over ``size_range`` (values beyond the range
   count in the end bins); for the 256/8 tiles, regions of 8 to 256 pixels give about -5.8 to -0.6;
-- aspect: wide / square / tall by ``log2(sigma_x / sigma_y)`` below -1/2, within, above 1/2. It tells apart
-  tilings that halve squares along y (entropy partition, SPEC.md section 3) from x-only ones (calibration).
+- aspect: wide / square / tall by ``log2(sigma_x / sigma_y)`` below -1/2, within, above 1/2: how often squares
+  were halved along x (tall halves) versus y (wide halves), which the entropy partition (SPEC.md section 3) decides
+  per square by score and calibration reproduces from the predicted centres.
 
 The distance is the Frechet distance between Gaussians fitted to these vectors (FID-style), computed for each class
 present in both sets and for all layouts pooled. Like FID it is biased by the sample count, so compare numbers
@@ -15,7 +16,8 @@ obtained with the same numbers of layouts per class.
 
 Generated layouts are, by default, raw layout-model output: they are calibrated here (generator.calibration) before
 the statistics, since the calibrated layouts are what the texture model sees, and the report gives the fraction of
-them that needed no correction beyond snapping (every region got exactly one snapped centre).
+them that needed no correction beyond snapping (the snapped centres are exactly the centres of the calibrated
+regions; see generator.calibration).
 
 CLI: ``python -m eval.layout GEN.npz REAL.npz`` with arrays ``geometry`` (B, N, >=5) and ``labels`` (B,) in each file;
 prints the report as JSON.

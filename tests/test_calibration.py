@@ -1,10 +1,13 @@
 """generator.calibration: every calibrated layout is a valid tiling, built by the rule of SPEC.md section 7.
 
 The vectorised implementation is checked against a literal, sequential reading of the rule (a list of regions,
-halve the eligible one with most snapped centres, SPEC.md section 3 halving), and the output against the tiling
-invariants, on random and adversarial layouts.
+halve the eligible one with most snapped centres, SPEC.md section 3 halving, y for a square with a centre on its x
+split line), the output against the tiling invariants on random and adversarial layouts, and real partitions
+(the released fixtures, entropy partitions of synthetic images, random halving tilings) against exact recovery.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,20 +15,37 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from generator.calibration import calibrate_layouts, max_regions, snap_to_grid
+from generator.calibration import calibrate_layouts, max_regions, snap_centres
 
 GRIDS = [(256, 8), (64, 4), (32, 8), (16, 2), (8, 8), (128, 16)]
 MODES = ["uniform", "corner", "duplicates", "outside", "one_cell_each", "clustered"]
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def possible_centres(tile: int, min_size: int) -> np.ndarray:
+    """Pixel centres of every interval the halving can make on one axis, by enumeration."""
+    sizes = [tile >> k for k in range(tile.bit_length()) if tile >> k >= min_size]
+    return np.unique([a + (s - 1) / 2 for s in sizes for a in range(0, tile, s)])
+
+
+def reference_snap(mu: float, tile: int, min_size: int) -> float:
+    """Nearest possible region centre (pixels) to ``mu``; midway goes to the higher one."""
+    pixel = (mu + 1) / 2 * (tile - 1)
+    centres = possible_centres(tile, min_size)
+    distances = np.abs(centres - pixel)
+    return float(centres[np.flatnonzero(distances <= distances.min() + 1e-9)[-1]])
+
+
 def reference_calibration(centres: np.ndarray, tile: int, min_size: int, num_tokens: int):
     """One layout, sequentially: returns [(x0, y0, x1, y1, count)] in list order (inclusive pixel ranges)."""
-    cells = [tuple(c) for c in snap_to_grid(centres, tile, min_size)]
+    points = [(reference_snap(x, tile, min_size), reference_snap(y, tile, min_size)) for x, y in centres]
+
+    def inside(region, point):  # a point on a boundary belongs to the region right of / below it
+        x0, y0, x1, y1 = region[:4]
+        return x0 - 0.5 <= point[0] < x1 + 0.5 and y0 - 0.5 <= point[1] < y1 + 0.5
 
     def count(region):
-        x0, y0, x1, y1 = region[:4]
-        return sum(x0 <= cx * min_size <= x1 and y0 <= cy * min_size <= y1 for cx, cy in cells)
+        return sum(inside(region, p) for p in points)
 
     # region = (x0, y0, x1, y1, tree index); the tree index only orders ties among equal-size regions.
     regions = [(0, 0, tile - 1, tile - 1, 0)]
@@ -36,11 +56,37 @@ def reference_calibration(centres: np.ndarray, tile: int, min_size: int, num_tok
         regions.remove(pick)
         x0, y0, x1, y1, index = pick
         w, h = x1 - x0 + 1, y1 - y0 + 1
-        if w >= h:
+        x_line = x0 + w // 2 - 0.5
+        on_line = any(inside(pick, p) and p[0] == x_line for p in points)
+        if w > h or (w == h and not on_line):
             regions += [(x0, y0, x0 + w // 2 - 1, y1, 2 * index + 1), (x0 + w // 2, y0, x1, y1, 2 * index + 2)]
         else:
             regions += [(x0, y0, x1, y0 + h // 2 - 1, 2 * index + 1), (x0, y0 + h // 2, x1, y1, 2 * index + 2)]
     return [(*r[:4], count(r)) for r in regions]
+
+
+def region_centres(ranges: np.ndarray, tile: int) -> np.ndarray:
+    """(..., 4) inclusive pixel ranges -> (..., 2) centres in [-1, 1] (SPEC.md section 3)."""
+    ranges = np.asarray(ranges, dtype=np.float64)
+    return np.stack([ranges[..., 0] + ranges[..., 2], ranges[..., 1] + ranges[..., 3]], -1) / (tile - 1) - 1
+
+
+def random_halving_tiling(rng, tile: int, min_size: int, num_tokens: int) -> np.ndarray:
+    """A tiling made by halving random regions (squares either way, by a coin): (num_tokens, 4) pixel ranges."""
+    regions = [(0, 0, tile - 1, tile - 1)]
+    while len(regions) < num_tokens:
+        eligible = [i for i, r in enumerate(regions) if r[2] - r[0] + 1 > min_size or r[3] - r[1] + 1 > min_size]
+        x0, y0, x1, y1 = regions.pop(eligible[rng.integers(len(eligible))])
+        w, h = x1 - x0 + 1, y1 - y0 + 1
+        if w > h or (w == h and rng.random() < 0.5):
+            regions += [(x0, y0, x0 + w // 2 - 1, y1), (x0 + w // 2, y0, x1, y1)]
+        else:
+            regions += [(x0, y0, x1, y0 + h // 2 - 1), (x0, y0 + h // 2, x1, y1)]
+    return np.array(regions)
+
+
+def assert_same_regions(got: np.ndarray, expected: np.ndarray) -> None:
+    assert sorted(map(tuple, np.asarray(got).tolist())) == sorted(map(tuple, np.asarray(expected).tolist()))
 
 
 def make_layouts(seed: int, mode: str, batch: int, num_tokens: int, tile: int, min_size: int) -> np.ndarray:
@@ -56,7 +102,8 @@ def make_layouts(seed: int, mode: str, batch: int, num_tokens: int, tile: int, m
         points = rng.uniform(-1, 1, size=(batch, 3, 2))
         mu = np.take_along_axis(points, rng.integers(0, 3, size=(batch, num_tokens, 1)), axis=1)
     elif mode == "outside":
-        mu = rng.choice([-1e6, -3.0, 1.5, 1e6], size=(batch, num_tokens, 2)) * rng.uniform(0.5, 1, (batch, num_tokens, 2))
+        scale = rng.uniform(0.5, 1, (batch, num_tokens, 2))
+        mu = rng.choice([-1e6, -3.0, 1.5, 1e6], size=(batch, num_tokens, 2)) * scale
     elif mode == "one_cell_each":  # distinct cell centres, as a perfect layout model would give for the finest grid
         grid = tile // min_size
         flat = np.stack([rng.permutation(grid * grid)[:num_tokens] for _ in range(batch)])
@@ -81,7 +128,8 @@ def layout_cases(draw):
     return make_layouts(seed, mode, batch, num_tokens, tile, min_size), tile, min_size
 
 
-def assert_valid_tiling(result, tile: int, min_size: int, num_tokens: int) -> None:
+def assert_valid_tiling(result, tile: int, min_size: int, num_tokens: int, snapped=None) -> None:
+    """The tiling invariants; with ``snapped`` (B, N, 2) lattice indices, also the meaning of ``exact``."""
     ranges = result.ranges
     batch = ranges.shape[0]
     assert ranges.shape == (batch, num_tokens, 4) and result.geometry.shape == (batch, num_tokens, 5)
@@ -109,7 +157,12 @@ def assert_valid_tiling(result, tile: int, min_size: int, num_tokens: int) -> No
     np.testing.assert_allclose(result.geometry[..., 0], (result.boxes[..., 2] - result.boxes[..., 0]) * last / tile / 3,
                                atol=1e-6)
     assert (result.counts.sum(axis=1) == num_tokens).all()
-    np.testing.assert_array_equal(result.exact, (result.counts == 1).all(axis=1))
+    assert (result.counts[result.exact] == 1).all(), "exact layouts have one snapped centre per region"
+    if snapped is not None:  # exact: the region centres are the snapped centres, as multisets
+        lattice = np.rint((np.moveaxis(ranges[..., :2] + ranges[..., 2:], -1, 0) + 1) / min_size).astype(np.int64)
+        np.testing.assert_array_equal(
+            result.exact, [sorted(zip(*lattice[:, b].tolist())) == sorted(map(tuple, snapped[b].tolist()))
+                           for b in range(batch)])
 
 
 @FAST
@@ -117,7 +170,8 @@ def assert_valid_tiling(result, tile: int, min_size: int, num_tokens: int) -> No
 def test_calibrated_layouts_are_valid_tilings(case):
     geometry, tile, min_size = case
     result = calibrate_layouts(geometry, tile_size=tile, min_size=min_size)
-    assert_valid_tiling(result, tile, min_size, geometry.shape[1])
+    snapped = snap_centres(geometry[..., 3:5], tile, min_size)
+    assert_valid_tiling(result, tile, min_size, geometry.shape[1], snapped)
 
 
 @settings(max_examples=150, deadline=None)
@@ -187,7 +241,8 @@ def test_duplicates_and_outside_centres_snap_to_border_cells():
     geometry = np.zeros((1, 4, 5))
     geometry[0, :, 3:5] = [[-5.0, -5.0], [-1.0, -1.0], [1e9, 1e9], [1.0, 1.0]]
     result = calibrate_layouts(geometry, tile_size=64, min_size=4)
-    np.testing.assert_array_equal(snap_to_grid(geometry[0, :, 3:5], 64, 4), [[0, 0], [0, 0], [15, 15], [15, 15]])
+    # lattice 1 and 31 are pixels 1.5 and 61.5, the centres of the corner cells
+    np.testing.assert_array_equal(snap_centres(geometry[0, :, 3:5], 64, 4), [[1, 1], [1, 1], [31, 31], [31, 31]])
     assert_valid_tiling(result, 64, 4, 4)
     assert not result.exact[0]
     assert sorted(result.counts[0].tolist()) == [0, 0, 2, 2]
@@ -200,34 +255,94 @@ def test_single_token_is_the_whole_tile():
     assert result.exact.all()
 
 
-def test_region_centres_of_an_x_first_tiling_are_reproduced_exactly():
-    # 32x32 tile, min_size 8: x split, y splits -> four 16x16 squares, then the top-left one split along x.
-    ranges = np.array([[16, 0, 31, 15], [0, 16, 15, 31], [16, 16, 31, 31], [0, 0, 7, 15], [8, 0, 15, 15]])
-    last = 31
-    centres = np.stack([(ranges[:, 0] + ranges[:, 2]) / last - 1, (ranges[:, 1] + ranges[:, 3]) / last - 1], -1)
-    geometry = np.zeros((1, 5, 5))
-    geometry[0, :, 3:5] = centres
+@pytest.mark.parametrize("ranges", [
+    # x split, y splits -> four 16x16 squares, then the top-left one split along x
+    [[16, 0, 31, 15], [0, 16, 15, 31], [16, 16, 31, 31], [0, 0, 7, 15], [8, 0, 15, 15]],
+    # y split (top and bottom full width), then the top half along x: only a y-first rule gets this
+    [[0, 16, 31, 31], [0, 0, 15, 15], [16, 0, 31, 15]],
+    # y split, both halves along x, then one quarter along y: the quarters are also those of an x split
+    [[0, 0, 15, 15], [16, 0, 31, 15], [0, 16, 15, 31], [16, 16, 31, 23], [16, 24, 31, 31]],
+    [[0, 0, 31, 15], [0, 16, 31, 31]],
+])
+def test_hand_made_tilings_are_reproduced_exactly(ranges):
+    ranges = np.array(ranges)
+    geometry = np.zeros((1, len(ranges), 5))
+    geometry[0, :, 3:5] = region_centres(ranges, 32)
     result = calibrate_layouts(geometry, tile_size=32, min_size=8)
     assert result.exact[0]
-    assert sorted(map(tuple, result.ranges[0].tolist())) == sorted(map(tuple, ranges.tolist()))
+    assert_same_regions(result.ranges[0], ranges)
 
 
-def test_regions_shared_with_the_entropy_partition_have_bit_identical_geometry():
-    """Same format as tokenizer.partition: where both produce the same region, geometry and box are identical."""
+def test_centre_on_the_split_line_of_a_square_makes_it_split_along_y():
+    # one centre at the tile centre (pixel 15.5: on the x split line), one inside the top-left cell
+    geometry = np.zeros((1, 2, 5))
+    geometry[0, :, 3:5] = [[0.0, 0.0], [-0.9, -0.9]]
+    result = calibrate_layouts(geometry, tile_size=32, min_size=8)
+    assert_same_regions(result.ranges[0], [[0, 0, 31, 15], [0, 16, 31, 31]])
+    # the tile centre sits on the boundary between the halves and counts toward the lower (higher y) one
+    np.testing.assert_array_equal(result.counts[0], [1, 1])
+    assert not result.exact[0]  # the snapped centres are not those of the two halves
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(GRIDS), st.integers(0, 2**32 - 1), st.data())
+def test_any_halving_tiling_is_reproduced_exactly(grid, seed, data):
+    """Squares split either way (a coin), regions picked at random: the tiling comes back, flagged exact."""
+    tile, min_size = grid
+    num_tokens = data.draw(st.integers(1, max_regions(tile, min_size)))
+    rng = np.random.default_rng(seed)
+    tilings = [random_halving_tiling(rng, tile, min_size, num_tokens) for _ in range(3)]
+    geometry = np.zeros((3, num_tokens, 5))
+    geometry[..., 3:5] = region_centres(np.stack(tilings), tile)
+    # float32, as a model would output, and in a random token order
+    geometry = geometry[:, rng.permutation(num_tokens)].astype(np.float32)
+    result = calibrate_layouts(geometry, tile_size=tile, min_size=min_size)
+    assert result.exact.all()
+    for b, tiling in enumerate(tilings):
+        assert_same_regions(result.ranges[b], tiling)
+
+
+def fixture_partitions(official_dir: Path):
+    """(name, geometry (T, N, 5), boxes (T, N, 4)) of every released fixture partition, one entry per tile."""
+    with np.load(official_dir / "partition.npz") as fixtures:
+        for name in sorted(k for k in fixtures.files if k.startswith("gpscodes_")):
+            tiles = 4 if name.startswith("gpscodes_512_") else 1
+            geometry = fixtures[name].reshape(tiles, -1, 5)
+            boxes = fixtures[name.replace("gpscodes_", "regions_")].reshape(tiles, -1, 4)
+            yield name, geometry, boxes
+
+
+def test_released_fixture_partitions_are_reproduced_exactly(official_dir):
+    """64/128/256 tokens of six photos, the bias case and each tile of the 512 case: same regions, bit for bit."""
+    names = []
+    for name, geometry, boxes in fixture_partitions(official_dir):
+        result = calibrate_layouts(geometry)
+        assert result.exact.all(), name
+        for tile in range(len(geometry)):
+            order = [np.flatnonzero((boxes[tile] == box).all(axis=1)) for box in result.boxes[tile]]
+            assert all(match.size == 1 for match in order), f"{name} tile {tile}: regions differ"
+            order = np.concatenate(order)
+            assert sorted(order.tolist()) == list(range(len(order)))
+            np.testing.assert_array_equal(result.geometry[tile], geometry[tile, order, :5])
+        names.append(name)
+    assert len(names) == 20 and any("512" in n for n in names) and any("cdbias" in n for n in names)
+
+
+@pytest.mark.parametrize("tile, min_size, num_tokens", [(64, 4, 16), (64, 4, 100), (256, 8, 128)])
+def test_entropy_partitions_of_synthetic_images_are_reproduced_exactly(tile, min_size, num_tokens):
+    """Same format as tokenizer.partition: every region comes back with bit-identical geometry and box."""
     partition = pytest.importorskip("tokenizer.partition")
-    rng = np.random.default_rng(0)
-    images = np.kron(rng.integers(0, 256, (6, 4, 4, 3)), np.ones((1, 16, 16, 1))).astype(np.uint8)
+    rng = np.random.default_rng(num_tokens)
+    blocks = tile // 16
+    images = np.kron(rng.integers(0, 256, (6, blocks, blocks, 3)), np.ones((1, 16, 16, 1))).astype(np.uint8)
     images[rng.random(images.shape[:3]) < 0.2] = 255
-    geometry, boxes = partition.entropy_partition_batch(images, 16, min_size=4, tile_size=64)
-    result = calibrate_layouts(geometry, tile_size=64, min_size=4)
-    shared = 0
+    geometry, boxes = partition.entropy_partition_batch(images, num_tokens, min_size=min_size, tile_size=tile)
+    result = calibrate_layouts(geometry, tile_size=tile, min_size=min_size)
+    assert result.exact.all()
     for b in range(len(images)):
+        assert_same_regions(result.boxes[b], boxes[b])
         for i, box in enumerate(result.boxes[b]):
-            match = np.flatnonzero((boxes[b] == box).all(axis=1))
-            if match.size:
-                shared += 1
-                np.testing.assert_array_equal(result.geometry[b, i], geometry[b, match[0]])
-    assert shared > 0
+            np.testing.assert_array_equal(result.geometry[b, i], geometry[b, (boxes[b] == box).all(axis=1)][0])
 
 
 def test_accepts_torch_tensors_and_extra_columns():
@@ -241,19 +356,18 @@ def test_accepts_torch_tensors_and_extra_columns():
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(GRIDS), st.lists(st.floats(-1.5, 1.5), min_size=2, max_size=2))
-def test_snapping_picks_the_nearest_cell_centre(grid, centre):
+def test_snapping_picks_the_nearest_possible_region_centre(grid, centre):
     tile, min_size = grid
-    cell = snap_to_grid(np.array(centre), tile, min_size)
-    pixel = (np.clip(centre, -1, 1) + 1) / 2 * (tile - 1)
-    centres = np.arange(tile // min_size) * min_size + (min_size - 1) / 2
+    lattice = snap_centres(np.array(centre), tile, min_size)
     for axis in range(2):
-        distances = np.abs(centres - pixel[axis])
-        assert distances[cell[axis]] <= distances.min() + 1e-9
+        assert lattice[axis] * min_size / 2 - 0.5 == reference_snap(centre[axis], tile, min_size)
 
 
-def test_midway_centre_goes_to_the_higher_cell():
-    midway = 7.5 / 255 * 2 - 1  # pixel 7.5: between the centres of cells 0 (3.5) and 1 (11.5)
-    np.testing.assert_array_equal(snap_to_grid(np.array([midway, midway]), 256, 8), [1, 1])
+def test_midway_centre_goes_to_the_higher_lattice_point():
+    midway = 21.5 / 255 * 2 - 1  # pixel 21.5: between the possible centres 19.5 (lattice 5) and 23.5 (lattice 6)
+    assert (midway + 1) / 2 * 255 >= 21.5  # no rounding below the midpoint (5.5 or 9.5 would round down)
+    np.testing.assert_array_equal(snap_centres(np.array([midway, midway]), 256, 8), [6, 6])
+    assert reference_snap(midway, 256, 8) == 23.5
 
 
 @pytest.mark.parametrize("tile, min_size, num_tokens", [(256, 8, 1025), (64, 4, 257), (8, 8, 2), (256, 8, 0)])
