@@ -28,7 +28,10 @@ from .shards import ShardPlan, ShardStats, finalize_shards, pending_shards, writ
 
 logger = logging.getLogger("gpstoken.extract")
 
-__all__ = ["ExtractionSettings", "PartitionedImages", "encode_batch", "extract_tokens"]
+__all__ = ["ExtractionSettings", "LabelledImages", "open_labelled_images", "PartitionedImages", "encode_batch",
+           "extract_tokens"]
+
+FASHION_MNIST_LABELS = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,63 @@ def _as_uint8_hwc(image: Any, where: str) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{where}: images must be uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
     return image
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Images of a `tokenizer.data` source with their class labels, scaled (shortest side) and centre-cropped
+    to one tile, never flipped (the mirrored copy is a separate stored variant). Item -> (uint8 (S, S, 3), label).
+    An unreadable image is an error naming the file: skipping it would shift the labels."""
+
+    def __init__(self, source, labels: np.ndarray, image_size: int):
+        if len(labels) != len(source):
+            raise ValueError(f"{len(labels)} labels for {len(source)} images")
+        self.source, self.labels, self.image_size = source, np.asarray(labels, dtype=np.int64), image_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        from tokenizer.data import crop_and_flip
+
+        pixels = crop_and_flip(self.source.load(index), self.image_size, resize=True, crop="center", hflip=False,
+                               generator=torch.Generator())
+        return pixels.numpy(), int(self.labels[index])
+
+
+def _fashion_mnist_labels(folder: str | Path, split: str, count: int) -> np.ndarray:
+    import gzip
+
+    path = Path(folder) / FASHION_MNIST_LABELS[split]
+    if not path.is_file():
+        raise FileNotFoundError(f"Fashion-MNIST labels {path} not found")
+    raw = gzip.decompress(path.read_bytes())
+    magic, number = np.frombuffer(raw[:8], dtype=">u4")
+    if magic != 2049 or len(raw) != 8 + number:
+        raise ValueError(f"{path} is not an idx1 label file (magic {magic}, {len(raw)} bytes)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=8)[:count].astype(np.int64)
+
+
+def open_labelled_images(source: str, path: str, image_size: int, *, split: str = "train",
+                         limit: int = 0) -> tuple[LabelledImages, list[str]]:
+    """A labelled image dataset and its class names. `folder`/`list`: the class of an image is the name of its
+    parent folder (ImageNet's train layout: one folder per synset), classes numbered in sorted name order;
+    `fashion_mnist`: the idx label file next to the images."""
+    from tokenizer.data import FASHION_MNIST_DIR, DataConfig, open_source
+
+    if source not in ("folder", "list", "fashion_mnist"):
+        raise ValueError(f"token extraction reads labelled images from 'folder', 'list' or 'fashion_mnist', "
+                         f"not {source!r}")
+    images = open_source(DataConfig(source=source, path=path, split=split, limit=limit, image_size=image_size))
+    if source == "fashion_mnist":
+        labels = _fashion_mnist_labels(path or FASHION_MNIST_DIR, split, len(images))
+        names = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                 "ankle boot"]
+    else:
+        folders = [Path(images.name(i)).parent.name for i in range(len(images))]
+        names = sorted(set(folders))
+        number = {name: k for k, name in enumerate(names)}
+        labels = np.array([number[f] for f in folders], dtype=np.int64)
+    return LabelledImages(images, labels, image_size), names
 
 
 class PartitionedImages(torch.utils.data.Dataset):

@@ -129,3 +129,22 @@ def test_labels_outside_the_classes_are_refused(tmp_path):
     np.save(tmp_path / "shard_00000.labels.npy", np.array([0, 7]))
     with pytest.raises(ShardError, match="labels outside"):
         TokenShards(tmp_path)
+
+
+def test_extract_tokens_script_on_fashion_mnist(tmp_path):
+    from safetensors.torch import save_file
+
+    from generator.extract_tokens import main
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.config.to_yaml(tmp_path / "tiny.yaml")
+    save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
+    argv = ["--tokenizer", str(tmp_path / "tiny.yaml"), "--tokenizer-weights", str(tmp_path / "tiny.safetensors"),
+            "--source", "fashion_mnist", "--split", "test", "--limit", "5", "--no-hflip", "--workers", "0",
+            "--shard-size", "3", "--output", str(tmp_path / "out")]
+    assert main(argv) == 0
+    shards = TokenShards(tmp_path / "out")
+    assert shards.labels.tolist() == [9, 2, 1, 1, 6]  # the first Fashion-MNIST test labels
+    assert shards.plan.num_classes == 10 and shards.plan.tile_size == 64 and shards.num_variants == 1
+    assert json.loads((tmp_path / "out" / "classes.json").read_text())[9] == "ankle boot"
+    assert main(argv) == 0  # resuming a finished extraction does nothing and succeeds
