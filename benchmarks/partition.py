@@ -113,6 +113,26 @@ def timed(function, repeats: int = 1) -> tuple[float, float]:
     return best_cpu, best_wall
 
 
+def time_torch_partition(device: str, batch: int, num_tokens: int, repeats: int = 3) -> float:
+    """Images per second of `entropy_partition_torch` on `device` (wall time, synchronised), batch of photos."""
+    import torch
+
+    from tokenizer.partition_torch import entropy_partition_torch
+
+    images = torch.from_numpy(load_photos(batch)).to(device)
+    entropy_partition_torch(images, num_tokens)  # warm-up (kernels, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        entropy_partition_torch(images, num_tokens)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return batch / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32, help="images for the fast implementation")
@@ -120,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size of entropy_partition_batch")
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-batch", type=int, default=1024, help="batch of the PyTorch partition on CUDA")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     photos = load_photos(max(args.images, args.baseline_images))
@@ -152,6 +173,16 @@ def main() -> None:
             f"| {batch_ms:.2f} ms/img ({1e3 / batch_ms:.0f} img/s) [{1e3 * batch_wall / args.images:.2f} ms] "
             f"| {base_ms / single_ms:.1f}x single, {base_ms / batch_ms:.1f}x batch | {released_text} |"
         )
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("PyTorch partition (issue 5): skipped, no CUDA device")
+        return
+    for num_tokens in args.tokens:
+        rate = time_torch_partition("cuda", args.torch_batch, num_tokens)
+        print(f"PyTorch partition on {torch.cuda.get_device_name()}: {num_tokens} tokens, batch {args.torch_batch}: "
+              f"{rate:.0f} img/s")
 
 
 if __name__ == "__main__":

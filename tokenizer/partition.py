@@ -416,27 +416,33 @@ def _partition_tiles(
     return [state.final_boxes() for state in states]
 
 
-def _boxes_to_tokens(boxes: list[tuple[int, int, int, int]], height: int, width: int):
-    """Integer boxes (y0, y1, x0, x1) of an h x w tile -> float32 geometry (N, 5) and RoI boxes (N, 4).
+def _token_columns(y0, y1, x0, x1, height: int, width: int):
+    """Inclusive pixel ranges of regions of an h x w tile -> geometry columns and RoI box columns, float64.
 
-    The arithmetic follows the released float64 expressions operation by operation, then rounds to float32.
+    y0..x1: float64 numpy arrays or torch tensors (integer valued). The arithmetic follows the released float64
+    expressions operation by operation; callers round the stacked columns to float32.
+    Geometry (sigma_x, sigma_y, rho, mu_x, mu_y); boxes (x0, y0, x1, y1) in [-1, 1].
     """
-    y0, y1, x0, x1 = np.asarray(boxes, dtype=np.int64).T
-    sigma_x = (x1 - x0) / width * 2.0 / 3.0
-    sigma_y = (y1 - y0) / height * 2.0 / 3.0
-    mu_x = ((x1 + x0) / 2.0 / (width - 1) - 0.5) * 2.0
-    mu_y = ((y1 + y0) / 2.0 / (height - 1) - 0.5) * 2.0
-    geometry = np.stack([sigma_x, sigma_y, np.zeros_like(sigma_x), mu_x, mu_y], axis=1).astype(np.float32)
-    region_boxes = np.stack(
-        [
-            (x0 / (width - 1) - 0.5) * 2,
-            (y0 / (height - 1) - 0.5) * 2,
-            (x1 / (width - 1) - 0.5) * 2,
-            (y1 / (height - 1) - 0.5) * 2,
-        ],
-        axis=1,
-    ).astype(np.float32)
-    return geometry, region_boxes
+    geometry = (
+        (x1 - x0) / width * 2.0 / 3.0,
+        (y1 - y0) / height * 2.0 / 3.0,
+        (x1 - x0) * 0.0,
+        ((x1 + x0) / 2.0 / (width - 1) - 0.5) * 2.0,
+        ((y1 + y0) / 2.0 / (height - 1) - 0.5) * 2.0,
+    )
+    boxes = (
+        (x0 / (width - 1) - 0.5) * 2,
+        (y0 / (height - 1) - 0.5) * 2,
+        (x1 / (width - 1) - 0.5) * 2,
+        (y1 / (height - 1) - 0.5) * 2,
+    )
+    return geometry, boxes
+
+
+def _boxes_to_tokens(boxes: list[tuple[int, int, int, int]], height: int, width: int):
+    """Integer boxes (y0, y1, x0, x1) of an h x w tile -> float32 geometry (N, 5) and RoI boxes (N, 4)."""
+    geometry, region_boxes = _token_columns(*np.asarray(boxes, dtype=np.float64).T, height, width)
+    return np.stack(geometry, axis=1).astype(np.float32), np.stack(region_boxes, axis=1).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
