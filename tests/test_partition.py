@@ -177,6 +177,17 @@ def test_matches_released_loop_on_random_images(tile_size, min_size, num_tokens,
                 assert [tuple(b) for b in got] == [(x0, y0, x1, y1) for y0, y1, x0, x1 in expected]
 
 
+def test_matches_released_loop_on_flat_and_two_tone_images():
+    """Flat tiles make every same-sized region tie: the order then rests on the stable-sort rule alone."""
+    flat = np.full((64, 64, 3), 90, np.uint8)
+    two_tone = flat.copy()
+    two_tone[:, 40:] = 200
+    for image in (flat, two_tone):
+        boxes = entropy_partition(image, 48, min_size=4, tile_size=64).boxes
+        expected = baseline.baseline_tile_partition(grey_image(image), 48, 4, 2.5)
+        assert [tuple(b) for b in _pixel_boxes(boxes, 64, 64)] == [(x0, y0, x1, y1) for y0, y1, x0, x1 in expected]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Contract
 
