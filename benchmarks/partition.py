@@ -5,7 +5,8 @@ The baseline below restates, in plain per-region numpy/OpenCV calls, the algorit
 only here, so the speed ratio is measured in one run on one machine; `tests/test_partition.py` also uses it
 as an independent oracle on random inputs.
 
-Run on one core:  OMP_NUM_THREADS=1 python benchmarks/partition.py [--images 16] [--batch 16]
+Run on one core:  OMP_NUM_THREADS=1 python benchmarks/partition.py [--images 32] [--batch 32]
+With a CUDA device it also times the batched PyTorch partition (`tokenizer.partition_torch`, issue 5).
 """
 from __future__ import annotations
 
@@ -146,7 +147,10 @@ def main() -> None:
     photos = load_photos(max(args.images, args.baseline_images))
 
     print(f"one core (cv2 threads 1, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}); CPU time, wall in brackets")
-    print("| tokens | released loop (restated) | entropy_partition | entropy_partition_batch | speed-up | released figure |")
+    print(
+        "| tokens | released loop (restated) | entropy_partition | entropy_partition_batch | speed-up "
+        "| released figure |"
+    )
     print("|---|---|---|---|---|---|")
     for num_tokens in args.tokens:
         base_cpu, base_wall = timed(
@@ -168,7 +172,8 @@ def main() -> None:
         released = RELEASED_MS_PER_IMAGE.get(num_tokens)
         released_text = f"{released:.0f} ms/img ({1e3 / released:.1f} img/s)" if released else "-"
         print(
-            f"| {num_tokens} | {base_ms:.1f} ms/img ({1e3 / base_ms:.1f} img/s) [{1e3 * base_wall / args.baseline_images:.1f} ms] "
+            f"| {num_tokens} | {base_ms:.1f} ms/img ({1e3 / base_ms:.1f} img/s) "
+            f"[{1e3 * base_wall / args.baseline_images:.1f} ms] "
             f"| {single_ms:.2f} ms/img ({1e3 / single_ms:.0f} img/s) [{1e3 * single_wall / args.images:.2f} ms] "
             f"| {batch_ms:.2f} ms/img ({1e3 / batch_ms:.0f} img/s) [{1e3 * batch_wall / args.images:.2f} ms] "
             f"| {base_ms / single_ms:.1f}x single, {base_ms / batch_ms:.1f}x batch | {released_text} |"

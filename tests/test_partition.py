@@ -25,7 +25,8 @@ TOKEN_COUNTS = (64, 128, 256)
 
 def _load_baseline():
     """The restatement of the released per-image loop that the benchmark measures against."""
-    spec = importlib.util.spec_from_file_location("partition_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "partition.py")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "partition.py"
+    spec = importlib.util.spec_from_file_location("partition_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -210,7 +210,8 @@ class _RegionScorer:
         blocks = wide.reshape(block, count, block)
         for k, (tile, y0, y1, x0, x1) in enumerate(regions):
             left = k * block + 1
-            cv2.resize(tiles[tile][y0:y1 + 1, x0:x1 + 1], (SCORE_SIDE, SCORE_SIDE), dst=wide[1:-1, left:left + SCORE_SIDE])
+            region = tiles[tile][y0:y1 + 1, x0:x1 + 1]
+            cv2.resize(region, (SCORE_SIDE, SCORE_SIDE), dst=wide[1:-1, left:left + SCORE_SIDE])
         blocks[:, :, 0] = blocks[:, :, 1]
         blocks[:, :, -1] = blocks[:, :, -2]
         blocks[0] = blocks[1]
