@@ -400,11 +400,11 @@ class GPSToken(nn.Module):
         from .partition import entropy_partition
 
         pixels = self._check_uint8_images(images)
-        batch, height = pixels.shape[0], pixels.shape[1]
+        batch = pixels.shape[0]
         num = self.config.num_tokens if num_tokens is None else num_tokens
         tile, np_ = self.config.tile_size, pixels.shape[1] // self.config.tile_size
         one_map = bias is None or (isinstance(bias, (np.ndarray, torch.Tensor)) and bias.ndim == 2)
-        biases = [bias] * batch if one_map else list(bias)
+        biases = [None if b is None else np.asarray(b) for b in ([bias] * batch if one_map else list(bias))]
         if len(biases) != batch:
             raise ValueError(f"tokenize: got {len(biases)} bias maps for {batch} images")
         parts = [entropy_partition(image, num, min_size=self.config.partition_min_size,
