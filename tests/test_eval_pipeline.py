@@ -198,3 +198,13 @@ def test_reconstruction_without_matching_names_is_refused(tmp_path, extractor):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / name)
     with pytest.raises(InputError, match="no original.*'y'"):
         evaluate_reconstructions(tmp_path / "recon", tmp_path / "orig", extractor=extractor, progress=False)
+
+
+def test_lpips_needs_a_local_vgg16_file(tmp_path):
+    from eval.perceptual import LPIPSVGG, _lpips_backbone_key
+
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        LPIPSVGG(tmp_path / "missing.pth")
+    assert _lpips_backbone_key("features.0.weight") == "net.slice1.0.weight"
+    assert _lpips_backbone_key("features.28.bias") == "net.slice5.28.bias"
+    assert _lpips_backbone_key("classifier.0.weight") is None
