@@ -21,9 +21,9 @@ same exact resume and per-process sharding as files.
 
 Per sample (`TokenizerDataset[(index, draw_seed)]`): decode to uint8 RGB, scale the shortest side to
 `image_size` (unless `resize: false`), crop `image_size` square (centre or random), flip horizontally with
-p = 0.5, and, with `partition: workers`, run the exact entropy partition in the loader worker. With
-`partition: batch` the partition runs once per micro-batch in the training process (`partition_batch`), which
-vectorises it across the batch. The random crop and the flip are drawn from `draw_seed` (see
+p = 0.5, and, with `partition: workers`, run the exact entropy partition in the loader worker. The other modes
+partition once per micro-batch in the training process (`partition_batch`): `batch` with the vectorised NumPy
+partition on the CPU, `gpu` with the PyTorch partition (`tokenizer.partition_torch`) on the training device. The random crop and the flip are drawn from `draw_seed` (see
 `tokenizer.engine.ShardedInfiniteSampler`), so they do not depend on workers or on resuming.
 
 Unreadable files are skipped: the next readable image takes their place, a warning names the file, and the
@@ -69,10 +69,10 @@ class DataConfig:
     limit: int = 0                  # use only the first N images (0 = all)
     photo_crops: int = 1024         # photos: samples per epoch (random crops of the few photos)
     num_workers: int = 8
-    partition: str = "workers"      # workers (exact, per sample in loader workers) | batch (per micro-batch)
+    partition: str = "workers"      # workers (per sample in loader workers) | batch (CPU) | gpu (training device)
 
     def __post_init__(self) -> None:
-        choices = {"source": SOURCES, "crop": ("center", "random"), "partition": ("workers", "batch"),
+        choices = {"source": SOURCES, "crop": ("center", "random"), "partition": ("workers", "batch", "gpu"),
                    "split": ("train", "test")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -326,9 +326,17 @@ def build_dataset(config: DataConfig, partition: PartitionSettings) -> Tokenizer
     return TokenizerDataset(open_source(config), config, partition)
 
 
-def partition_batch(pixels: torch.Tensor, partition: PartitionSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `batch` partition mode: uint8 (B, S, S, 3) -> (init_geometry (B, N, 5), boxes (B, N, 4)) float32,
-    computed for the whole micro-batch at once (same result as per sample)."""
+def partition_batch(pixels: torch.Tensor, partition: PartitionSettings,
+                    device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partition a micro-batch: uint8 (B, S, S, 3) -> (init_geometry (B, N, 5), boxes (B, N, 4)) float32.
+
+    With a `device`, the PyTorch partition runs there (`gpu` mode); without, the NumPy one on the CPU (`batch`
+    mode). Both give the per-sample result of `entropy_partition`."""
+    if device is not None:
+        from .partition_torch import entropy_partition_torch
+
+        return entropy_partition_torch(pixels.to(device), partition.num_tokens, min_size=partition.min_size,
+                                       weight=partition.weight, tile_size=pixels.shape[1])
     geometry, boxes = entropy_partition_batch(pixels.cpu().numpy(), partition.num_tokens,
                                               min_size=partition.min_size, weight=partition.weight,
                                               tile_size=pixels.shape[1])

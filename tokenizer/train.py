@@ -65,10 +65,13 @@ class TokenizerTrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-def load_batch(batch: dict[str, torch.Tensor], partition: PartitionSettings, device: torch.device):
-    """A loader batch -> (images in [-1, 1], init geometry, boxes) on `device`."""
-    if "init_geometry" not in batch:   # partition: batch
-        batch["init_geometry"], batch["boxes"] = partition_batch(batch["pixels"], partition)
+def load_batch(batch: dict[str, torch.Tensor], partition: PartitionSettings, device: torch.device,
+               on_device: bool = False):
+    """A loader batch -> (images in [-1, 1], init geometry, boxes) on `device`; partitions the batch here when
+    the loader did not (`on_device`: with the PyTorch partition on `device`)."""
+    if "init_geometry" not in batch:
+        batch["init_geometry"], batch["boxes"] = partition_batch(batch["pixels"], partition,
+                                                                 device if on_device else None)
     images = batch["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return images, batch["init_geometry"].to(device), batch["boxes"].to(device)
 
@@ -129,6 +132,7 @@ def train(config: TokenizerTrainConfig, resolved: dict[str, Any], resume: str | 
                     engine.unwrap(model).num_parameters() / 1e6, config.data.source)
 
         dataset = build_dataset(config.data, partition)
+        on_device = config.data.partition == "gpu"
         batches = engine.batches(dataset, config.optim.batch_size, config.data.num_workers, start_step=start)
         heldout = None
         if config.monitor.heldout_every and engine.is_main_process:
@@ -136,7 +140,7 @@ def train(config: TokenizerTrainConfig, resolved: dict[str, Any], resume: str | 
             heldout_set = build_dataset(source, partition)
             count = min(config.monitor.heldout_images, len(heldout_set))
             samples = torch.utils.data.default_collate([heldout_set[(i, i)] for i in range(count)])
-            heldout = load_batch(samples, partition, engine.device)
+            heldout = load_batch(samples, partition, engine.device, on_device)
         last_layer = engine.unwrap(model).decoder.conv_out.weight
         frozen_discriminator = engine.unwrap(discriminator) if discriminator is not None else None
         skipped_files = 0
@@ -146,7 +150,7 @@ def train(config: TokenizerTrainConfig, resolved: dict[str, Any], resume: str | 
             def compute(batch):
                 nonlocal skipped_files, recent
                 skipped_files += int(batch["skipped"].sum())
-                recent = load_batch(batch, partition, engine.device)
+                recent = load_batch(batch, partition, engine.device, on_device)
                 reconstruction, _ = model(*recent)
                 return losses.generator_loss(reconstruction, recent[0], step, frozen_discriminator, last_layer)
             return compute
@@ -154,7 +158,7 @@ def train(config: TokenizerTrainConfig, resolved: dict[str, Any], resume: str | 
         def discriminator_loss(batch):
             nonlocal skipped_files
             skipped_files += int(batch["skipped"].sum())
-            images, geometry, boxes = load_batch(batch, partition, engine.device)
+            images, geometry, boxes = load_batch(batch, partition, engine.device, on_device)
             with torch.no_grad():
                 reconstruction, _ = model(images, geometry, boxes)
             return losses.discriminator_loss(discriminator, reconstruction, images)
