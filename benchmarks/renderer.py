@@ -100,7 +100,8 @@ def run_gpu(args):
 
     device = torch.device("cuda")
     rows, checks = [], []
-    for name, batch, num, channels, side in GPU_CASES:
+    cases = [GPU_CASES[i] for i in args.cases] if args.cases else GPU_CASES
+    for name, batch, num, channels, side in cases:
         sets = [make_tokens(batch, num, channels, seed, device) for seed in range(args.sets)]
         gouts = [torch.randn(batch, channels, side, side, device=device) for _ in range(args.sets)]
 
@@ -149,6 +150,20 @@ def run_gpu(args):
     return rows, checks
 
 
+def run_for_profiler(args):
+    """A few plain forward+backward calls per case, for an external profiler (ncu, nsys)."""
+    from splat_cuda import op
+
+    for name, batch, num, channels, side in GPU_CASES[: args.profile]:
+        tokens = make_tokens(batch, num, channels, 0, "cuda")
+        gout = torch.randn(batch, channels, side, side, device="cuda")
+        for _ in range(3):
+            op.render_forward(tokens, side, side, 3.0, False)
+            op.render_backward(tokens, gout, side, side, 3.0, False)
+        torch.cuda.synchronize()
+        print(f"profiled {name}")
+
+
 def run_cpu(args):
     torch.set_num_threads(args.threads)
     rows = []
@@ -173,7 +188,13 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for --cpu")
     parser.add_argument("--cpu-reps", type=int, default=3)
     parser.add_argument("--markdown", type=Path, help="also write the tables as Markdown to this file")
+    parser.add_argument("--cases", type=int, nargs="+", help="indices of the GPU cases to run (default: all)")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="only run the first K GPU cases a few times, untimed, for a profiler")
     args = parser.parse_args()
+    if args.profile:
+        run_for_profiler(args)
+        return
     lines = []
     if torch.cuda.is_available() and not args.cpu:
         rows, checks = run_gpu(args)

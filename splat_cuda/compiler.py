@@ -58,7 +58,7 @@ def channel_padding(channels: int) -> int:
 
 
 def round_size(cpt: int) -> int:
-    """Tokens culled per round into the block's shared list (must match ROUND in render.cu)."""
+    """Tokens culled per round into a block's shared list (ROUND_SIZE in render.cu)."""
     return 256 if cpt <= 32 else 128
 
 
@@ -160,8 +160,12 @@ def device_arch(device_index: int) -> str:
     return f"sm_{major}{minor}"
 
 
-def _raise_shared_memory_limit(kernel, nbytes: int, device_index: int) -> None:
-    """Allow a kernel `nbytes` of dynamic shared memory (beyond 48 KB needs this opt-in)."""
+def _allow_shared_memory(kernel, nbytes: int, device_index: int) -> None:
+    """Allow a kernel `nbytes` of dynamic shared memory (beyond 48 KB needs this opt-in).
+
+    The L1/shared carveout is left to the driver: forcing the largest shared-memory carveout
+    measured slower at N = 4096, where the per-round token reads hit L1.
+    """
     from cuda.bindings import driver
 
     attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
@@ -187,7 +191,7 @@ def load_kernels(device_index: int, dtype_name: str, cpt: int) -> KernelSet:
         kernels = {name: module.get_kernel(name) for name in names}
         for name, backward in (("render_forward", False), ("render_backward", True),
                                ("render_backward_deterministic", True)):
-            _raise_shared_memory_limit(kernels[name], shared_memory_bytes(cpt, backward), device_index)
+            _allow_shared_memory(kernels[name], shared_memory_bytes(cpt, backward), device_index)
         return KernelSet(
             forward=kernels["render_forward"],
             backward=kernels["render_backward"],

@@ -184,8 +184,8 @@ def test_cuda_graph_capture_and_replay():
     tokens = random_tokens(2, 128, 16, seed=9).requires_grad_()
     gout = torch.randn(2, 16, 64, 64, device="cuda")
 
-    def step():
-        out = render(tokens, 64)
+    def step():  # deterministic: replay and eager must agree bit for bit
+        out = render(tokens, 64, deterministic=True)
         (grad,) = torch.autograd.grad(out, tokens, gout)
         return out, grad
 
@@ -202,7 +202,8 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     out_eager, grad_eager = step()
     torch.testing.assert_close(out_static, out_eager, rtol=0, atol=0)
-    torch.testing.assert_close(grad_static, grad_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_static, grad_eager, rtol=0, atol=0)
+    assert grad_static.abs().max() > 0
 
 
 @pytest.mark.gpu

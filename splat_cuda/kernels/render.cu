@@ -26,6 +26,10 @@
 #define TILE 16
 #define THREADS 256
 #define WARPS 8
+// Tokens culled per round into a block's shared list (splat_cuda/compiler.py mirrors this). On an
+// H200 (2026-11), smaller rounds with more blocks per SM measured no faster at 64x64 and slower at
+// N = 4096.
+#define ROUND_SIZE(CPT) ((CPT) <= 32 ? 256 : 128)
 
 // ---- storage types: 16-bit floats are read and written as raw bits (NVRTC needs no headers) ----
 struct bf16_t { unsigned short bits; };
@@ -82,9 +86,13 @@ __device__ __forceinline__ Geo make_geo(const T* tok, float dmax) {
     return g;
 }
 
-// Pixel centre 2 j / (n - 1) - 1 as hi + lo floats (hi is the rounded value).
-__device__ __forceinline__ float2 pixel_coord(int j, int n) {
-    const double c = (double)j * (2.0 / (double)(n - 1)) - 1.0;
+// Spacing of the align-corners grid of an n-pixel axis (computed once per thread: a double
+// division is expensive).
+__device__ __forceinline__ double grid_step(int n) { return 2.0 / (double)(n - 1); }
+
+// Pixel centre j * step - 1 (= 2 j / (n - 1) - 1) as hi + lo floats (hi is the rounded value).
+__device__ __forceinline__ float2 pixel_coord(int j, double step) {
+    const double c = (double)j * step - 1.0;
     const float hi = (float)c;
     return make_float2(hi, (float)(c - (double)hi));
 }
@@ -103,12 +111,13 @@ __device__ __forceinline__ bool box_touches(const Geo& g, float x_lo, float x_hi
 // Bounds (first and last pixel centre, clamped to the map) of the rectangle of pixels
 // [x0, x0 + w) x [y0, y0 + h).
 struct Rect { float x_lo, x_hi, y_lo, y_hi; };
-__device__ __forceinline__ Rect pixel_rect(int x0, int y0, int w, int h, int W, int H) {
+__device__ __forceinline__ Rect pixel_rect(int x0, int y0, int w, int h, int W, int H, double step_x,
+                                           double step_y) {
     Rect r;
-    r.x_lo = pixel_coord(x0, W).x;
-    r.x_hi = pixel_coord(min(x0 + w, W) - 1, W).x;
-    r.y_lo = pixel_coord(y0, H).x;
-    r.y_hi = pixel_coord(min(y0 + h, H) - 1, H).x;
+    r.x_lo = pixel_coord(x0, step_x).x;
+    r.x_hi = pixel_coord(min(x0 + w, W) - 1, step_x).x;
+    r.y_lo = pixel_coord(y0, step_y).x;
+    r.y_hi = pixel_coord(min(y0 + h, H) - 1, step_y).x;
     return r;
 }
 __device__ __forceinline__ bool box_touches(const Geo& g, const Rect& r) {
@@ -178,7 +187,7 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
 template <typename T, int CPT>
 __device__ __forceinline__ void forward(const T* __restrict__ tokens, T* __restrict__ out, int N, int C, int H,
                                         int W, float dmax) {
-    constexpr int ROUND = CPT <= 32 ? 256 : 128;
+    constexpr int ROUND = ROUND_SIZE(CPT);
     extern __shared__ float4 smem4[];
     Geo* geo_s = reinterpret_cast<Geo*>(smem4);
     float* feat_s = reinterpret_cast<float*>(geo_s + ROUND);
@@ -192,9 +201,10 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, T* __restr
     const int gx0 = tx0 + (warp & 1) * 8, gy0 = ty0 + (warp >> 1) * 4;
     const int x = gx0 + (lane & 7), y = gy0 + (lane >> 3);
     const bool group_in_map = gx0 < W && gy0 < H;
-    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H);
-    const Rect group = pixel_rect(min(gx0, W - 1), min(gy0, H - 1), 8, 4, W, H);
-    const float2 px = pixel_coord(x, W), py = pixel_coord(y, H);
+    const double step_x = grid_step(W), step_y = grid_step(H);
+    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H, step_x, step_y);
+    const Rect group = pixel_rect(min(gx0, W - 1), min(gy0, H - 1), 8, 4, W, H, step_x, step_y);
+    const float2 px = pixel_coord(x, step_x), py = pixel_coord(y, step_y);
 
     const T* tok_b = tokens + (size_t)b * N * (5 + C);
     float acc[CPT];
@@ -262,7 +272,7 @@ __device__ __forceinline__ void transpose_reduce(float (&v)[M], int lane) {
 template <typename T, int CPT, bool DETERMINISTIC>
 __device__ __forceinline__ void backward(const T* __restrict__ tokens, const T* __restrict__ dout,
                                          float* __restrict__ grad, int N, int C, int H, int W, float dmax) {
-    constexpr int ROUND = CPT <= 32 ? 256 : 128;
+    constexpr int ROUND = ROUND_SIZE(CPT);
     constexpr int DSTRIDE = CPT + 4;  // padded row of the staged dL/dout: conflict-free float4 reads
     extern __shared__ float4 smem4[];
     Geo* geo_s = reinterpret_cast<Geo*>(smem4);
@@ -270,14 +280,25 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const T* 
     float* dout_s = feat_s + ROUND * CPT;
     __shared__ int idx_s[ROUND];
     __shared__ int warp_count[WARPS];
+    __shared__ float2 col_s[TILE], row_s[TILE];  // pixel centres of the tile's columns and rows
+    __shared__ Rect group_s[WARPS];              // bounds of the tile's eight 8x4 pixel groups
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int b = blockIdx.y;
     const int tiles_x = (W + TILE - 1) / TILE;
     const int num_tiles = tiles_x * ((H + TILE - 1) / TILE);
     const int tx0 = (blockIdx.x % tiles_x) * TILE, ty0 = (blockIdx.x / tiles_x) * TILE;
-    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H);
+    const double step_x = grid_step(W), step_y = grid_step(H);
+    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H, step_x, step_y);
     const int D = 5 + C;
+    if (tid < TILE) {
+        col_s[tid] = pixel_coord(tx0 + tid, step_x);
+        row_s[tid] = pixel_coord(ty0 + tid, step_y);
+    } else if (tid < TILE + WARPS) {
+        const int grp = tid - TILE;
+        const int gx0 = min(tx0 + (grp & 1) * 8, W - 1), gy0 = min(ty0 + (grp >> 1) * 4, H - 1);
+        group_s[grp] = pixel_rect(gx0, gy0, 8, 4, W, H, step_x, step_y);
+    }
 
     // Stage dL/dout of the tile: row p = 32 * group + lane, zeros outside the map and past C.
     {
@@ -303,8 +324,8 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const T* 
             for (int grp = 0; grp < WARPS; ++grp) {
                 const int gx0 = tx0 + (grp & 1) * 8, gy0 = ty0 + (grp >> 1) * 4;
                 if (gx0 >= W || gy0 >= H) continue;
-                if (!box_touches(gd, pixel_rect(gx0, gy0, 8, 4, W, H))) continue;
-                const Weight w = pixel_weight(gd, pixel_coord(gx0 + (lane & 7), W), pixel_coord(gy0 + (lane >> 3), H));
+                if (!box_touches(gd, group_s[grp])) continue;
+                const Weight w = pixel_weight(gd, col_s[(grp & 1) * 8 + (lane & 7)], row_s[(grp >> 1) * 4 + (lane >> 3)]);
                 const float4* d4 = reinterpret_cast<const float4*>(dout_s + (grp * 32 + lane) * DSTRIDE);
                 float d[CPT];
                 float dg = 0.0f;  // dL/dg at this pixel = sum_k dout_k f_k
@@ -377,12 +398,13 @@ __device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const
     const int cy0 = (int)fminf(fmaxf(floorf(fy0) - 1.0f, 0.0f), (float)(tiles_y - 1));
     const int cy1 = (int)fminf(fmaxf(floorf(fy1) + 1.0f, 0.0f), (float)(tiles_y - 1));
     const int num_tiles = tiles_x * tiles_y;
+    const double step_x = grid_step(W), step_y = grid_step(H);
     for (int v0 = 0; v0 < D; v0 += 32) {
         const int v = v0 + lane;
         float sum = 0.0f;
         for (int ty = cy0; ty <= cy1; ++ty)
             for (int tx = cx0; tx <= cx1; ++tx) {
-                if (!box_touches(gd, pixel_rect(tx * TILE, ty * TILE, TILE, TILE, W, H))) continue;
+                if (!box_touches(gd, pixel_rect(tx * TILE, ty * TILE, TILE, TILE, W, H, step_x, step_y))) continue;
                 if (v < D) sum += partial[(((size_t)b * num_tiles + ty * tiles_x + tx) * N + i) * D + v];
             }
         if (v < D) grad[((size_t)b * N + i) * D + v] = sum;
@@ -393,15 +415,16 @@ __device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const
 // The host appends one `SPLAT_INSTANTIATE(storage type, CPT)` line per compiled variant, so each
 // program holds only the four kernels one (dtype, channel padding) pair needs.
 #define SPLAT_INSTANTIATE(T, CPT)                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS)                          \
         render_forward(const T* tokens, T* out, int N, int C, int H, int W, float dmax) {             \
         forward<T, CPT>(tokens, out, N, C, H, W, dmax);                                                \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) render_backward(                             \
+    extern "C" __global__ void __launch_bounds__(THREADS) render_backward(        \
         const T* tokens, const T* dout, float* grad, int N, int C, int H, int W, float dmax) {        \
         backward<T, CPT, false>(tokens, dout, grad, N, C, H, W, dmax);                                 \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) render_backward_deterministic(               \
+    extern "C" __global__ void __launch_bounds__(THREADS)                         \
+        render_backward_deterministic(                                                                 \
         const T* tokens, const T* dout, float* partial, int N, int C, int H, int W, float dmax) {     \
         backward<T, CPT, true>(tokens, dout, partial, N, C, H, W, dmax);                               \
     }                                                                                                  \
