@@ -6,16 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import yaml
+from PIL import Image
+from safetensors.torch import save_file
 
 import generator.training as training
 from generator.models import build_model
 from generator.shards import TokenShardDataset, TokenShards
-from generator.spaces import JointSpace, LayoutSpace, TextureSpace, canonical_order
+from generator.spaces import JointSpace, LayoutSpace, canonical_order
 from generator.training import GeneratorRunConfig, NonFiniteLossError, build_space, heldout_loss, load_trained, train
-from tiny_generation import cached_shards
+from tiny_generation import cached_shards, tiny_tokenizer
 from tokenizer.engine import config_to_dict, find_checkpoints, load_run_config, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +35,12 @@ def heldout_batch(count: int = 6) -> dict[str, torch.Tensor]:
 
 def test_texture_training_lowers_the_heldout_loss(tmp_path):
     shards = cached_shards(20)
-    config, raw = tiny_config(tmp_path, "texture", shards, "engine.max_steps=150", "engine.checkpoint_every=150")
+    tokenizer = tiny_tokenizer()
+    tokenizer.config.to_yaml(tmp_path / "tokenizer.yaml")
+    save_file({k: v.contiguous() for k, v in tokenizer.state_dict().items()}, str(tmp_path / "tokenizer.safetensors"))
+    config, raw = tiny_config(tmp_path, "texture", shards, "engine.max_steps=100", "engine.checkpoint_every=100",
+                              "preview.every=100", f"preview.tokenizer={tmp_path / 'tokenizer.yaml'}",
+                              f"preview.tokenizer_weights={tmp_path / 'tokenizer.safetensors'}")
     space = build_space(config, TokenShards(shards))
     held_out = heldout_batch()
     torch.manual_seed(0)
@@ -44,8 +51,10 @@ def test_texture_training_lowers_the_heldout_loss(tmp_path):
     assert loaded_space == space
     assert after <= 0.7 * before, (before, after)
     records = read_metrics(tmp_path / "texture")
-    assert records[-1]["step"] == 150 and "images_per_s" in records[-1] and "loss" in records[-1]
+    assert records[-1]["step"] == 100 and "images_per_s" in records[-1] and "loss" in records[-1]
     assert weights.name == "ema.safetensors"
+    grid = np.array(Image.open(tmp_path / "texture" / "images" / "samples_00000100.png"))
+    assert grid.shape[0] >= 64 and grid.shape[1] >= 6 * 64 and grid.std() > 0  # 6 decoded samples in one row
 
 
 def test_resume_continues_exactly(tmp_path):
