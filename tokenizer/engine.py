@@ -416,6 +416,8 @@ class TrainingEngine:
                 rate = images * self.num_processes * (step - self._last_step) / max(now - self._last_time, 1e-9)
                 record["images_per_s"] = rate
                 self._progress.set_postfix(img_s=f"{rate:.1f}", loss=f"{record.get('loss', math.nan):.4f}")
+            if self.device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self._last_time, self._last_step = now, step
             self.log_scalars(step, record)
         if step % self.config.checkpoint_every == 0 or step == self.config.max_steps:

@@ -151,7 +151,12 @@ def train(config: TokenizerTrainConfig, resolved: dict[str, Any], resume: str | 
                 nonlocal skipped_files, recent
                 skipped_files += int(batch["skipped"].sum())
                 recent = load_batch(batch, partition, engine.device, on_device)
-                reconstruction, _ = model(*recent)
+                try:
+                    reconstruction, _ = model(*recent)
+                except ValueError as error:   # diverged weights: the decoder refuses non-finite tokens
+                    if "NaN or inf" not in str(error):
+                        raise
+                    engine.check_finite(step, {"tokens": torch.tensor(float("nan"))})
                 return losses.generator_loss(reconstruction, recent[0], step, frozen_discriminator, last_layer)
             return compute
 

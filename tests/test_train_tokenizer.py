@@ -1,0 +1,140 @@
+"""Tokenizer training end to end on CPU (tiny config, Fashion-MNIST) and the loss terms."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenizer.engine import find_checkpoints, read_metrics
+from tokenizer.losses import LossConfig, LPIPSLoss, PatchDiscriminator, TokenizerLosses, adaptive_gan_weight, \
+    hinge_discriminator_loss
+from tokenizer.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "train_tiny_fashion.yaml")
+needs_fashion = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file(),
+                                   reason="Debian package dataset-fashion-mnist is not installed")
+
+
+def heldout_curve(output: Path) -> dict[int, float]:
+    return {r["step"]: r["heldout_psnr"] for r in read_metrics(output) if "heldout_psnr" in r}
+
+
+def train_losses(output: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(output) if "loss" in r]
+
+
+@needs_fashion
+def test_heldout_psnr_rises_and_ema_export_loads(tmp_path):
+    assert main(["--config", CONFIG, f"engine.output_dir={tmp_path}", "engine.max_steps=40", "optim.batch_size=8",
+                 "monitor.heldout_every=40", "monitor.heldout_images=32", "monitor.image_every=40",
+                 "engine.log_every=10", "engine.checkpoint_every=40"]) == 0
+    curve = heldout_curve(tmp_path)
+    assert curve[40] - curve[0] >= 3.0, curve
+    assert (tmp_path / "images" / "reconstruction_00000040.png").is_file()
+    assert (tmp_path / "config.yaml").is_file() and read_metrics(tmp_path)[-1]["skipped_files"] == 0
+
+    from tokenizer.official import load_released
+
+    model = load_released(tmp_path / "ema.safetensors", "gpstoken_tiny32")  # strict keys and shapes
+    assert model.num_parameters() > 0
+
+
+@needs_fashion
+def test_resume_continues_identically(tmp_path):
+    common = ["--config", CONFIG, "engine.log_every=1", "engine.checkpoint_every=3", "optim.batch_size=4",
+              "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=1"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main([*common, f"engine.output_dir={straight}", "engine.max_steps=6"]) == 0
+    assert main([*common, f"engine.output_dir={stopped}", "engine.max_steps=4"]) == 0
+    (stopped / "checkpoints" / "step_00000004").rename(stopped / "checkpoints" / ".tmp_step_00000004")  # as if killed
+    assert main([*common, f"engine.output_dir={stopped}", "engine.max_steps=6", "--resume", "auto"]) == 0
+    assert train_losses(stopped) == train_losses(straight)
+    assert [p.name for p in find_checkpoints(stopped)] == ["step_00000003", "step_00000006"]
+
+
+def test_nan_loss_stops_the_tokenizer_run(tmp_path, capsys):
+    code = main(["--config", CONFIG, f"engine.output_dir={tmp_path}", "engine.max_steps=3", "optim.lr=1e30",
+                 "engine.grad_clip_norm=0.0", "optim.batch_size=2", "monitor.heldout_every=0",
+                 "monitor.image_every=0", "data.num_workers=0", "engine.checkpoint_every=1"])
+    message = capsys.readouterr().err
+    assert code == 2 and "training stopped" in message
+    assert re.search(r"loss '\w+' is (nan|inf) at step [23]", message), message
+    assert find_checkpoints(tmp_path)  # the last good one is kept
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_few_hundred_steps_gain_at_least_3db(tmp_path):
+    assert main(["--config", CONFIG, f"engine.output_dir={tmp_path}", "engine.max_steps=300"]) == 0
+    curve = heldout_curve(tmp_path)
+    assert curve[300] - curve[0] >= 3.0, curve
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------
+
+def test_loss_config_requires_weight_files_unless_random():
+    with pytest.raises(ValueError, match="lpips_vgg16"):
+        LossConfig()
+    with pytest.raises(ValueError, match="inception_weights"):
+        LossConfig(lpips_weight=0.0)
+    with pytest.raises(ValueError, match="feature_input_range"):
+        LossConfig(random_init=True, feature_input_range="0_1")
+    config = LossConfig(random_init=True, gan_start=10)
+    assert not config.gan_active(10) and config.gan_active(11)
+    assert [s for s in range(9, 16) if config.is_discriminator_step(s)] == [12, 14]
+
+
+def test_pixel_losses_and_hinge():
+    recon, target = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.5)
+    l2 = TokenizerLosses(LossConfig(lpips_weight=0, feature_weight=0, gan_weight=0))
+    l1 = TokenizerLosses(LossConfig(pixel="l1", lpips_weight=0, feature_weight=0, gan_weight=0))
+    assert l2.pixel_loss(recon, target).item() == pytest.approx(0.25)
+    assert l1.pixel_loss(recon, target).item() == pytest.approx(0.5)
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    assert hinge_discriminator_loss(real, fake).item() == pytest.approx(0.5 * (0.5 + 0.75))
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    rec, gan = (3 * weight).sum(), (weight ** 2).sum()   # gradients (3, 3) and (2, 4)
+    expected = (3 * 2 ** 0.5) / (20 ** 0.5 + 1e-4)
+    assert adaptive_gan_weight(rec, gan, weight).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_generator_loss_with_all_terms_is_differentiable():
+    config = LossConfig(random_init=True, feature_weight=0.0, gan_start=0)
+    losses = TokenizerLosses(config)
+    assert isinstance(losses.lpips, LPIPSLoss)
+    decoder = torch.nn.Conv2d(3, 3, 3, padding=1)
+    target = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon = decoder(target)
+    discriminator = PatchDiscriminator(layers=2, channels=16)
+    total, terms = losses.generator_loss(recon, target, step=1, discriminator=discriminator,
+                                         last_layer=decoder.weight)
+    assert set(terms) == {"pixel", "lpips", "gan_generator", "gan_adaptive_weight"}
+    total.backward()
+    assert decoder.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in discriminator.parameters())  # the generator step leaves D alone
+    d_loss, d_terms = losses.discriminator_loss(discriminator, recon, target)
+    d_loss.backward()
+    assert all(p.grad is not None for p in discriminator.parameters())
+
+
+@pytest.mark.slow
+def test_inception_feature_loss_scaling():
+    from tokenizer.losses import InceptionFeatureLoss
+
+    torch.manual_seed(0)
+    loss = InceptionFeatureLoss(random_init=True)
+    released = InceptionFeatureLoss(random_init=True, input_range="0_510")
+    released.network.load_state_dict(loss.network.state_dict())
+    images = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert loss.scale == 127.5 and released.scale == 255.0
+    assert not torch.allclose(loss.features(images), released.features(images))
+    recon = images.clone().requires_grad_(True)
+    value = loss(recon + 0.1, images)
+    value.backward()
+    assert value.item() > 0 and recon.grad.abs().sum() > 0
