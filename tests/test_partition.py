@@ -17,7 +17,7 @@ from tokenizer.partition import (
     grey_image,
     max_tokens,
 )
-from tokenizer.partition import _BIN_WIDTH, _EDGE_MARGIN, _RegionScorer
+from tokenizer.partition import _BIN_WIDTH, _EDGE_MARGIN, _OpenCVScorer, _entropies
 
 IMAGES = range(6)
 TOKEN_COUNTS = (64, 128, 256)
@@ -125,7 +125,7 @@ def test_region_scores_equal_numpy_histogram():
         y0, x0 = int(rng.integers(0, 90)), int(rng.integers(0, 74))
         y1, x1 = int(rng.integers(y0, 96)), int(rng.integers(x0, 80))
         regions.append((tile, y0, y1, x0, x1))
-    entropies = _RegionScorer().entropies(units, regions)
+    entropies = _entropies(_OpenCVScorer(units), regions)
     for (tile, y0, y1, x0, x1), entropy in zip(regions, entropies.tolist()):
         expected = baseline.baseline_region_score(greys[tile][y0:y1 + 1, x0:x1 + 1], 2.5)
         assert entropy**2.5 * (y1 - y0 + 1) * (x1 - x0 + 1) == expected

@@ -11,11 +11,13 @@ loop bit for bit (same regions, same token order) while being much faster:
   children are appended at its end. The sorted order is therefore always "score descending, then creation
   order", which a heap keyed by (-score, creation index) gives without re-sorting.
 * The released loop scores one region per library call. Here the children of the next few picks of every tile
-  of every image of a batch are scored together in one vectorised pass (`_RegionScorer`); a region's score
+  of every image of a batch are scored together in one call (`_entropies`); a region's score
   does not depend on when it is computed, so computing it a little ahead changes nothing.
-* The exact histogram of float64 gradient magnitudes is the expensive part. It is computed from a float32
-  approximation whose bin is provably right wherever the value is not within a small margin of a bin edge; the
-  few pixels near an edge are recomputed in float64 by OpenCV itself (see `_RegionScorer`).
+* The per-pixel work of a score (resize, Sobel, magnitude histogram) is done by a small C kernel,
+  `_partition_kernel.c`, compiled at run time and cached (`_partition_native`), which repeats OpenCV's and
+  numpy's arithmetic operation by operation (`_KernelScorer`). Without a C compiler it is done by fused
+  OpenCV passes instead (`_OpenCVScorer`): a float32 approximation whose bin is provably right away from bin
+  edges, the few pixels near an edge recomputed in float64 by OpenCV itself. Both give the same scores.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from tokenizer import _partition_native
 
 #: Every region is resized to this square before its gradient histogram is taken, whatever its own size.
 SCORE_SIDE = 64
@@ -169,14 +173,14 @@ def bias_from_boxes(height: int, width: int, boxes) -> np.ndarray:
 # Region scores
 
 
-class _RegionScorer:
-    """Gradient-histogram entropies of many regions at once, equal to the released per-region computation.
+class _OpenCVScorer:
+    """Gradient-magnitude histograms of many regions at once, in a few fused OpenCV passes (no C compiler needed).
 
     Per region (inclusive pixel ranges of a tile of `(grey + 1) / 2`): OpenCV bilinear resize to 64x64 (the
     definition, called per region exactly as the released code does), 3x3 Sobel in x and y with replicated border
-    in float64, magnitude sqrt(gx^2 + gy^2), 512-bin histogram over [-5.5, 5.5], entropy in bits.
+    in float64, magnitude sqrt(gx^2 + gy^2), and its bin of the 512-bin histogram over [-5.5, 5.5].
 
-    Speed comes from doing the per-pixel work in a few fused OpenCV passes over all regions side by side:
+    The per-pixel work is done in a few fused OpenCV passes over all regions side by side:
 
     * Each resized region sits in a 66x66 block of one wide float32 image, its border rows and columns replicated,
       so one Sobel call gives every region its own replicated-border result.
@@ -193,15 +197,14 @@ class _RegionScorer:
     # marks the border pixels, which are not counted).
     _MAX_REGIONS = 64
 
-    def __init__(self):
+    def __init__(self, tiles: list[np.ndarray]):
+        self.tiles = tiles
         self._region_ids: dict[int, np.ndarray] = {}
 
-    def entropies(self, tiles: list[np.ndarray], regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
-        """regions: (tile index, y0, y1, x0, x1), inclusive. Returns float64 entropies, one per region."""
+    def magnitude_counts(self, regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
+        """regions: (tile index, y0, y1, x0, x1), inclusive. Returns int64 (K, 256) counts of the upper bins."""
         chunks = [regions[start:start + self._MAX_REGIONS] for start in range(0, len(regions), self._MAX_REGIONS)]
-        histogram = np.zeros((len(regions), HIST_BINS), np.int64)
-        histogram[:, _ZERO_BIN:] = np.concatenate([self._magnitude_counts(tiles, chunk) for chunk in chunks])
-        return _histogram_entropy(histogram)
+        return np.concatenate([self._magnitude_counts(self.tiles, chunk) for chunk in chunks])
 
     def _magnitude_counts(self, tiles, regions) -> np.ndarray:
         """int64 (K, 256) counts of the magnitude bins [j, j + 1) * _BIN_WIDTH of each region."""
@@ -266,6 +269,61 @@ class _RegionScorer:
         estimate -= magnitude < estimate * _BIN_WIDTH
         estimate += magnitude >= (estimate + 1) * _BIN_WIDTH
         return estimate
+
+
+class _KernelScorer:
+    """Gradient-magnitude histograms of many regions in one call of the compiled kernel (`_partition_kernel.c`).
+
+    The kernel repeats, operation by operation, what OpenCV does for these regions (checked against OpenCV for
+    every region shape from 2x2 to 1100x1100 by tests/test_partition.py). Regions one pixel thin are left to
+    `_OpenCVScorer`: OpenCV resizes them by another route than all the others.
+    """
+
+    def __init__(self, tiles: list[np.ndarray], kernel: _partition_native.Kernel):
+        for tile in tiles:
+            if tile.dtype != np.float32 or tile.strides[1] != 4 or tile.strides[0] % 4:
+                raise ValueError("tiles must be float32 with contiguous rows")
+        self.tiles = tiles  # keeps the memory the addresses below point into alive
+        self.kernel = kernel
+        self.base = np.array([tile.ctypes.data for tile in tiles], np.int64)
+        self.stride = np.array([tile.strides[0] // 4 for tile in tiles], np.int64)
+        self.fallback = _OpenCVScorer(tiles)
+
+    def magnitude_counts(self, regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
+        """regions: (tile index, y0, y1, x0, x1), inclusive. Returns int64 (K, 256) counts of the upper bins."""
+        tile, y0, y1, x0, x1 = np.array(regions, np.int64).reshape(-1, 5).T
+        stride = self.stride[tile]
+        heights, widths = (y1 - y0 + 1).astype(np.int32), (x1 - x0 + 1).astype(np.int32)
+        thin = (heights == 1) | (widths == 1)
+        counts = np.zeros((len(regions), _MAGNITUDE_BINS), np.int64)
+        if thin.any():
+            counts[thin] = self.fallback.magnitude_counts([regions[k] for k in np.flatnonzero(thin)])
+            keep = ~thin
+            tile, y0, x0, stride, heights, widths = (a[keep] for a in (tile, y0, x0, stride, heights, widths))
+        if len(tile):
+            addresses = self.base[tile] + 4 * (y0 * stride + x0)
+            native = np.zeros((len(tile), _MAGNITUDE_BINS), np.int64)
+            status = self.kernel.magnitude_histograms(
+                len(tile), addresses.ctypes.data, stride.ctypes.data, heights.ctypes.data, widths.ctypes.data,
+                native.ctypes.data,
+            )
+            if status != 0:
+                raise RuntimeError("partition kernel: a gradient magnitude is out of range (tiles not in [0, 1]?)")
+            counts[~thin] = native
+        return counts
+
+
+def _make_scorer(tiles: list[np.ndarray]):
+    """The compiled-kernel scorer when the kernel is available, else the OpenCV one (same results)."""
+    kernel = _partition_native.load()
+    return _OpenCVScorer(tiles) if kernel is None else _KernelScorer(tiles, kernel)
+
+
+def _entropies(scorer, regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
+    """Float64 gradient-histogram entropies of regions (tile index, y0, y1, x0, x1), one per region."""
+    histogram = np.zeros((len(regions), HIST_BINS), np.int64)
+    histogram[:, _ZERO_BIN:] = scorer.magnitude_counts(regions)
+    return _histogram_entropy(histogram)
 
 
 def _histogram_entropy(histogram: np.ndarray) -> np.ndarray:
@@ -383,10 +441,10 @@ def _partition_tiles(
     units: float32 tiles of (grey + 1) / 2; biases: matching float32 bias tiles, or None. Each round scores, in
     one pass, the children of up to `lookahead` upcoming picks of every unfinished tile.
     """
-    scorer = _RegionScorer()
+    scorer = _make_scorer(units)
 
     def scores(requests: list[tuple[int, tuple[int, int, int, int]]]) -> list[float]:
-        entropies = scorer.entropies(units, [(tile, *box) for tile, box in requests])
+        entropies = _entropies(scorer, [(tile, *box) for tile, box in requests])
         result = []
         for (tile, (y0, y1, x0, x1)), entropy in zip(requests, entropies.tolist()):
             score = entropy**weight * (y1 - y0 + 1) * (x1 - x0 + 1)
