@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import cv2
@@ -17,7 +19,8 @@ from tokenizer.partition import (
     grey_image,
     max_tokens,
 )
-from tokenizer.partition import _BIN_WIDTH, _EDGE_MARGIN, _OpenCVScorer, _entropies
+from tokenizer import _partition_native
+from tokenizer.partition import _BIN_WIDTH, _EDGE_MARGIN, _OpenCVScorer, _entropies, _histogram_entropy
 
 IMAGES = range(6)
 TOKEN_COUNTS = (64, 128, 256)
@@ -33,6 +36,27 @@ def _load_baseline():
 
 
 baseline = _load_baseline()
+
+
+def _kernel():
+    """The compiled kernel; the test fails if a C compiler exists but the kernel cannot be built."""
+    if not any(shutil.which(name) for name in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler: the partition runs on its OpenCV path only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel = _partition_native.load()
+    assert kernel is not None, "GPSTOKEN_PARTITION_KERNEL=0 is set"
+    return kernel
+
+
+@pytest.fixture(params=["kernel", "opencv"])
+def scorer_path(request, monkeypatch):
+    """Run a test once on the compiled kernel and once on the OpenCV fallback."""
+    if request.param == "kernel":
+        _kernel()
+    else:
+        monkeypatch.setattr(_partition_native, "load", lambda: None)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -61,27 +85,27 @@ def _pixel_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
 @pytest.mark.parametrize("index", IMAGES)
-def test_matches_released_partition(fixtures, index, num_tokens):
+def test_matches_released_partition(scorer_path, fixtures, index, num_tokens):
     partition = entropy_partition(fixtures[f"image_{index}"], num_tokens)
     _assert_same(partition.geometry, partition.boxes, fixtures, f"{index}_{num_tokens}")
     assert partition.tile_grid == (1, 1) and partition.tiles_per_side == 1
 
 
-def test_matches_released_partition_with_bias(fixtures):
+def test_matches_released_partition_with_bias(scorer_path, fixtures):
     partition = entropy_partition(fixtures["image_0"], 128, bias=fixtures["cdbias_0"])
     _assert_same(partition.geometry, partition.boxes, fixtures, "0_128_cdbias")
     # The bias really changes the outcome, so the test above is not passing by accident.
     assert not np.array_equal(partition.boxes, fixtures["regions_0_128"])
 
 
-def test_matches_released_partition_of_512_image(fixtures):
+def test_matches_released_partition_of_512_image(scorer_path, fixtures):
     partition = entropy_partition(fixtures["image_512"], 128)
     _assert_same(partition.geometry, partition.boxes, fixtures, "512_128")
     assert partition.tiles_per_side == 2 and partition.geometry.shape == (512, 5)
 
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
-def test_batch_matches_released_partitions(fixtures, num_tokens):
+def test_batch_matches_released_partitions(scorer_path, fixtures, num_tokens):
     images = np.stack([fixtures[f"image_{index}"] for index in IMAGES])
     geometry, boxes = entropy_partition_batch(images, num_tokens)
     assert geometry.shape == (6, num_tokens, 5) and boxes.shape == (6, num_tokens, 4)
@@ -131,6 +155,109 @@ def test_region_scores_equal_numpy_histogram():
         assert entropy**2.5 * (y1 - y0 + 1) * (x1 - x0 + 1) == expected
 
 
+def test_kernel_resize_equals_opencv_for_every_region_shape():
+    """The kernel's bilinear resize is bit-identical to cv2.resize for all shapes it is given (both sides >= 2)."""
+    kernel = _kernel()
+    rng = np.random.default_rng(4)
+    noise = rng.random((700, 700)).astype(np.float32)
+    photo_like = ((rng.integers(0, 256, (700, 700)) / 127.5 - 1).astype(np.float32) + 1.0) / 2.0
+    shapes = [(h, w) for h in range(2, 72) for w in range(2, 72)]
+    shapes += [(h, w) for h in (64, 128, 129, 256, 257) for w in (2, 63, 64, 65, 128, 256, 300)]
+    shapes += [tuple(rng.integers(2, 700, 2)) for _ in range(200)]
+    out = np.empty((64, 64), np.float32)
+    for index, (height, width) in enumerate(shapes):
+        image = (noise, photo_like)[index % 2]
+        top, left = rng.integers(0, 701 - height), rng.integers(0, 701 - width)
+        region = image[top:top + height, left:left + width]
+        kernel.resize64(region.ctypes.data, 700, int(height), int(width), out.ctypes.data)
+        assert np.array_equal(out, cv2.resize(region, (64, 64))), (height, width)
+
+
+def test_kernel_histograms_equal_opencv_and_numpy():
+    """Kernel counts == np.histogram of the float64 OpenCV Sobel magnitude, on photo-like and hard regions."""
+    kernel = _kernel()
+    rng = np.random.default_rng(5)
+    images = [(grey_image(_random_image(rng, 200, 200)) + 1.0) / 2.0 for _ in range(2)]
+    images += [
+        rng.random((200, 200)).astype(np.float32),
+        (np.indices((200, 200)).sum(0) % 2).astype(np.float32),  # the largest gradients
+        (rng.random((200, 200)) ** 12).astype(np.float32),  # widely spread exponents
+        np.zeros((200, 200), np.float32),
+    ]
+    regions = []
+    for _ in range(240):
+        tile, height, width = int(rng.integers(len(images))), int(rng.integers(2, 200)), int(rng.integers(2, 200))
+        y0, x0 = int(rng.integers(0, 201 - height)), int(rng.integers(0, 201 - width))
+        regions.append((tile, y0, height, x0, width))
+    tile, y0, height, x0, width = np.array(regions).T
+    addresses = np.array([images[t].ctypes.data for t in tile], np.int64) + 4 * (y0 * 200 + x0)
+    strides = np.full(len(regions), 200, np.int64)
+    heights, widths = height.astype(np.int32), width.astype(np.int32)
+    counts = np.full((len(regions), 256), -1, np.int64)
+    status = kernel.magnitude_histograms(
+        len(regions), addresses.ctypes.data, strides.ctypes.data, heights.ctypes.data, widths.ctypes.data,
+        counts.ctypes.data,
+    )
+    assert status == 0
+    for k, (t, top, h, left, w) in enumerate(regions):
+        small = cv2.resize(images[t][top:top + h, left:left + w], (64, 64))
+        grad_x = cv2.Sobel(small, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+        grad_y = cv2.Sobel(small, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+        expected, _ = np.histogram(np.sqrt(grad_x**2 + grad_y**2), bins=512, range=(-5.5, 5.5))
+        assert np.array_equal(counts[k], expected[256:]), k
+
+
+def test_kernel_bins_at_bin_edges():
+    """Squared magnitudes next to every bin edge land in numpy's bin, also where the rounding of sqrt decides."""
+    kernel = _kernel()
+    edges = np.arange(1, 233) * _BIN_WIDTH
+    # Each edge's square and its 40 doubles below and 3 above: the rounded square root changes bin among them.
+    near = [edges**2]
+    for _ in range(40):
+        near.append(np.nextafter(near[-1], 0))
+    for _ in range(3):
+        near.insert(0, np.nextafter(near[0], 30))
+    squared = np.concatenate(near + [np.random.default_rng(6).random(5000) * 24.9, [0.0, 1e-300]])
+    bins = np.empty(len(squared), np.int32)
+    assert kernel.bins_of_squares(squared.ctypes.data, len(squared), bins.ctypes.data) == 0
+    magnitude = np.sqrt(squared)
+    expected = np.array([np.argmax(np.histogram(m, bins=512, range=(-5.5, 5.5))[0]) - 256 for m in magnitude])
+    assert np.array_equal(bins, expected)
+    too_large = np.array([1.0, 25.0], np.float64)
+    assert kernel.bins_of_squares(too_large.ctypes.data, 2, bins.ctypes.data) == -1
+
+
+def test_kernel_is_cached_and_missing_compiler_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPSTOKEN_CACHE", str(tmp_path))
+    library = _partition_native.build()
+    assert library.parent == tmp_path / "partition" and library.exists()
+    modified = library.stat().st_mtime_ns
+    assert _partition_native.build() == library and library.stat().st_mtime_ns == modified
+    assert [p.name for p in library.parent.iterdir()] == [library.name]  # no temporary file left behind
+
+    monkeypatch.setattr(_partition_native, "_compiler", lambda: "false")  # a "compiler" that always fails
+    _partition_native.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="OpenCV/numpy path"):
+            assert _partition_native.load() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once per process only
+            assert _partition_native.load() is None
+    finally:
+        _partition_native.load.cache_clear()
+
+
+def test_entropy_of_upper_half_equals_full_histogram():
+    """The (K, 256) magnitude counts give the entropy the released (K, 512) histogram gives, bit for bit."""
+    rng = np.random.default_rng(8)
+    for count in (1, 2, 5, 64):
+        upper = np.stack([np.bincount(rng.integers(0, rng.integers(1, 256), 4096), minlength=256) for _ in range(count)])
+        full = np.concatenate([np.zeros_like(upper), upper], axis=1)
+        prob = full / (full.sum(axis=1, keepdims=True) + 1e-5)
+        released = [-np.sum(p * np.log2(p + 1e-10)) for p in prob]
+        assert _histogram_entropy(upper).tolist() == released
+
+
 def test_float32_magnitudes_stay_well_inside_the_edge_margin(fixtures):
     """The fast binning trusts float32 Sobel magnitudes away from bin edges; check the error on hard inputs."""
     rng = np.random.default_rng(3)
@@ -159,7 +286,7 @@ def test_float32_magnitudes_stay_well_inside_the_edge_margin(fixtures):
     "tile_size, min_size, num_tokens, weight",
     [(64, 4, 16, 2.5), (48, 4, 40, 2.5), (40, 3, 25, 1.0), (64, 8, 64, 0.0)],
 )
-def test_matches_released_loop_on_random_images(tile_size, min_size, num_tokens, weight):
+def test_matches_released_loop_on_random_images(scorer_path, tile_size, min_size, num_tokens, weight):
     rng = np.random.default_rng(tile_size + num_tokens)
     images = np.stack([_random_image(rng, tile_size, 2 * tile_size) for _ in range(3)])
     bias = rng.random(images.shape[:3]).astype(np.float32) * 50
@@ -178,7 +305,7 @@ def test_matches_released_loop_on_random_images(tile_size, min_size, num_tokens,
                 assert [tuple(b) for b in got] == [(x0, y0, x1, y1) for y0, y1, x0, x1 in expected]
 
 
-def test_matches_released_loop_on_flat_and_two_tone_images():
+def test_matches_released_loop_on_flat_and_two_tone_images(scorer_path):
     """Flat tiles make every same-sized region tie: the order then rests on the stable-sort rule alone."""
     flat = np.full((64, 64, 3), 90, np.uint8)
     two_tone = flat.copy()

@@ -321,15 +321,16 @@ def _make_scorer(tiles: list[np.ndarray]):
 
 def _entropies(scorer, regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
     """Float64 gradient-histogram entropies of regions (tile index, y0, y1, x0, x1), one per region."""
-    histogram = np.zeros((len(regions), HIST_BINS), np.int64)
-    histogram[:, _ZERO_BIN:] = scorer.magnitude_counts(regions)
-    return _histogram_entropy(histogram)
+    return _histogram_entropy(scorer.magnitude_counts(regions))
 
 
 def _histogram_entropy(histogram: np.ndarray) -> np.ndarray:
-    """Entropy in bits of each row of int64 (K, HIST_BINS) counts, with the released normalisation and epsilons.
+    """Entropy in bits of each row of int64 (K, 256) counts (the upper half of the released 512-bin
+    histogram; the lower half is always empty), with the released normalisation and epsilons.
 
     Row-wise numpy reductions use the same pairwise summation as the released one-histogram-at-a-time calls.
+    That summation splits 512 terms into halves of 256, and the empty lower half sums to -0.0, so summing the
+    upper half alone gives the released value bit for bit (tests/test_partition.py checks both).
     """
     prob = histogram / (histogram.sum(axis=1, keepdims=True) + 1e-5)
     return -np.sum(prob * np.log2(prob + 1e-10), axis=1)
