@@ -63,6 +63,11 @@ def test_overrides_are_typed_and_typos_are_errors():
                                                          "inner.name=abc"]))
     assert config.inner.rate == 2e-4 and config.flag is True and config.inner.betas == (0.1, 0.2)
     assert config.inner.name == "abc"
+    # YAML 1.1 would read `no` as False; on the command line it is the mixed-precision word.
+    engine = build_config(EngineConfig, apply_overrides({"mixed_precision": "bf16"}, ["mixed_precision=no"]))
+    assert engine.mixed_precision == "no"
+    with pytest.raises(ValueError, match=r"config.flag: expected bool, got 'yes'"):
+        build_config(_Outer, apply_overrides(data, ["flag=yes"]))
     with pytest.raises(ValueError, match="no key 'rat' under inner"):
         apply_overrides(data, ["inner.rat=1"])
     with pytest.raises(ValueError, match="key.sub=value"):

@@ -63,9 +63,19 @@ METRICS_FILE = "metrics.jsonl"
 # Typed configs from YAML + overrides
 # --------------------------------------------------------------------------------------------------------------
 
+# YAML 1.1 reads these words as booleans; on a command line they are meant as words (`mixed_precision=no`).
+_WORDS_NOT_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _parse_override_value(text: str) -> Any:
+    if text.strip().lower() in _WORDS_NOT_BOOLEANS:
+        return text.strip()
+    return yaml.safe_load(text)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of `data` with each `key.sub=value` applied; values are parsed as YAML (`1e-4`, `[1, 2]`,
-    `true`, `null`). A key must already exist in `data`, so a typo is an error instead of a silent new entry."""
+    `true`, `null`), except yes/no/on/off, which stay words. A key must already exist in `data`, so a typo is an error instead of a silent new entry."""
     result = json.loads(json.dumps(data))  # deep copy of plain YAML data
     for item in overrides:
         if "=" not in item:
@@ -79,7 +89,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 known = sorted(node) if isinstance(node, dict) else []
                 raise ValueError(f"override '{item}': no key '{key}' under {where} (known: {known})")
             if depth == len(keys) - 1:
-                node[key] = yaml.safe_load(text)
+                node[key] = _parse_override_value(text)
             else:
                 node = node[key]
     return result
