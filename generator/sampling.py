@@ -114,7 +114,7 @@ class TokenGenerator:
     """Labels and global sample indices -> decodable tokens (texture stage with a layout source, or one-stage)."""
 
     def __init__(self, model: FlowTransformer, space: TextureSpace | JointSpace, sampler: SamplerConfig,
-                 layouts: LayoutSource | None = None, seed: int = 0):
+                 layouts: LayoutSource | None = None, seed: int = 0, compile: bool = False):
         if isinstance(space, TextureSpace) != (layouts is not None):
             raise ValueError("a texture model needs a layout source; a one-stage model takes none")
         if model.config.in_channels != space.channels:
@@ -122,6 +122,11 @@ class TokenGenerator:
                              f"{space.channels}")
         self.model, self.space, self.sampler, self.layouts, self.seed = model, space, sampler, layouts, seed
         self.rows = 0   # network rows evaluated by the texture model (guidance accounting)
+        # Compiled sampling: the model's own input checks sync with the host and break the graph; labels are
+        # checked in `tokens` instead, and the sampler only feeds the network finite values of its own making.
+        if compile:
+            model.check_inputs = False
+        self.network = torch.compile(model, dynamic=False) if compile else model
 
     @torch.no_grad()
     def tokens(self, labels: Sequence[int], sample_ids: Sequence[int]) -> torch.Tensor:
@@ -135,7 +140,7 @@ class TokenGenerator:
         layout = None
         if self.layouts is not None:
             layout = self.layouts.layouts(labels, sample_ids).to(device=device, dtype=torch.float32)
-        result = generate(self.model, label_tensor, noise, layout, self.sampler)
+        result = generate(self.network, label_tensor, noise, layout, self.sampler)
         self.rows += result.rows
         return self.space.to_tokens(result.samples.float(), layout)
 

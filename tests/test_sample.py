@@ -109,6 +109,20 @@ def test_guidance_rows_only_inside_the_interval(setup):
     assert generator.rows == 3 * (len(times) + guided)
 
 
+@pytest.mark.slow
+def test_compiled_sampling_equals_eager(setup):
+    from generator.training import load_trained
+
+    config = SamplerConfig(method="sde", num_steps=6, guidance_scale=1.5, guidance_low=0.2)
+    results = []
+    for compile in (False, True):
+        model, space, _ = load_trained(setup["texture"])
+        generator = sampling.TokenGenerator(model, space, config, sampling.ShardLayouts(TokenShards(setup["shards"])),
+                                            compile=compile)
+        results.append(generator.tokens([0, 1, 2], [0, 1, 2]))
+    assert torch.allclose(results[0], results[1], atol=1e-4, rtol=1e-4)
+
+
 def test_two_stage_with_the_layout_model(setup):
     layout_run = fake_run(setup["root"] / "layout_model", "layout_tiny", setup["shards"], "model.num_classes=3")
     output = setup["root"] / "two_stage"
