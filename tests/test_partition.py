@@ -1,10 +1,12 @@
 """The entropy partition (tokenizer.partition) against the released code's outputs and its own contract."""
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 
 import cv2
@@ -20,7 +22,16 @@ from tokenizer.partition import (
     max_tokens,
 )
 from tokenizer import _partition_native
-from tokenizer.partition import _BIN_WIDTH, _EDGE_MARGIN, _OpenCVScorer, _entropies, _histogram_entropy
+from tokenizer.partition import (
+    _BIN_WIDTH,
+    _EDGE_MARGIN,
+    _ENTROPY_TERMS,
+    _KernelScorer,
+    _OpenCVScorer,
+    _histogram_entropy,
+    _make_scorer,
+    _unit_images,
+)
 
 IMAGES = range(6)
 TOKEN_COUNTS = (64, 128, 256)
@@ -138,22 +149,28 @@ def _random_image(rng, height, width):
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def test_region_scores_equal_numpy_histogram():
-    """The vectorised scorer equals the one-region-at-a-time histogram for regions of all sorts of sizes."""
+def _random_regions(rng, shapes, count, min_side=1):
+    """`count` random regions (tile, y0, y1, x0, x1), inclusive, of tiles of the given shapes."""
+    regions = []
+    for _ in range(count):
+        tile = int(rng.integers(len(shapes)))
+        height, width = shapes[tile]
+        y0, x0 = int(rng.integers(0, height - min_side + 1)), int(rng.integers(0, width - min_side + 1))
+        y1, x1 = int(rng.integers(y0 + min_side - 1, height)), int(rng.integers(x0 + min_side - 1, width))
+        regions.append((tile, y0, y1, x0, x1))
+    return np.array(regions, np.int32)
+
+
+@pytest.mark.parametrize("weight", [2.5, 1.0, 0.0, 0.7])
+def test_region_scores_equal_released_scores(scorer_path, weight):
+    """Both scorers give the released one-region-at-a-time score for regions of all sorts of sizes (thin too)."""
     rng = np.random.default_rng(0)
     greys = [grey_image(_random_image(rng, 96, 80)) for _ in range(3)]
     units = [(grey + 1.0) / 2.0 for grey in greys]
-    regions = []
-    for _ in range(300):
-        tile = int(rng.integers(3))
-        y0, x0 = int(rng.integers(0, 90)), int(rng.integers(0, 74))
-        y1, x1 = int(rng.integers(y0, 96)), int(rng.integers(x0, 80))
-        regions.append((tile, y0, y1, x0, x1))
-    entropies = _entropies(_OpenCVScorer(units), regions)
-    for (tile, y0, y1, x0, x1), entropy in zip(regions, entropies.tolist()):
-        expected = baseline.baseline_region_score(greys[tile][y0:y1 + 1, x0:x1 + 1], 2.5)
-        assert entropy**2.5 * (y1 - y0 + 1) * (x1 - x0 + 1) == expected
-
+    regions = _random_regions(rng, [(96, 80)] * 3, 200)
+    scores = _make_scorer(units, _partition_native.load()).scores(regions, weight)
+    for (tile, y0, y1, x0, x1), score in zip(regions.tolist(), scores):
+        assert score == baseline.baseline_region_score(greys[tile][y0:y1 + 1, x0:x1 + 1], weight)
 
 def test_kernel_resize_equals_opencv_for_every_region_shape():
     """The kernel's bilinear resize is bit-identical to cv2.resize for all shapes it is given (both sides >= 2)."""
@@ -173,9 +190,24 @@ def test_kernel_resize_equals_opencv_for_every_region_shape():
         assert np.array_equal(out, cv2.resize(region, (64, 64))), (height, width)
 
 
+def _opencv_numpy_histogram(unit_region: np.ndarray) -> np.ndarray:
+    """The released gradient-magnitude histogram (bins 256..511) of one region of a (grey + 1) / 2 tile."""
+    small = cv2.resize(unit_region, (64, 64))
+    grad_x = cv2.Sobel(small, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
+    grad_y = cv2.Sobel(small, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
+    counts, _ = np.histogram(np.sqrt(grad_x**2 + grad_y**2), bins=512, range=(-5.5, 5.5))
+    assert not counts[:256].any()
+    return counts[256:]
+
+
+def _kernel_histograms(images, regions):
+    counts = np.full((len(regions), 256), -1, np.int64)
+    _KernelScorer(images, _kernel()).native_scores(regions, 2.5, counts)
+    return counts
+
+
 def test_kernel_histograms_equal_opencv_and_numpy():
     """Kernel counts == np.histogram of the float64 OpenCV Sobel magnitude, on photo-like and hard regions."""
-    kernel = _kernel()
     rng = np.random.default_rng(5)
     images = [(grey_image(_random_image(rng, 200, 200)) + 1.0) / 2.0 for _ in range(2)]
     images += [
@@ -184,47 +216,121 @@ def test_kernel_histograms_equal_opencv_and_numpy():
         (rng.random((200, 200)) ** 12).astype(np.float32),  # widely spread exponents
         np.zeros((200, 200), np.float32),
     ]
-    regions = []
-    for _ in range(240):
-        tile, height, width = int(rng.integers(len(images))), int(rng.integers(2, 200)), int(rng.integers(2, 200))
-        y0, x0 = int(rng.integers(0, 201 - height)), int(rng.integers(0, 201 - width))
-        regions.append((tile, y0, height, x0, width))
-    tile, y0, height, x0, width = np.array(regions).T
-    addresses = np.array([images[t].ctypes.data for t in tile], np.int64) + 4 * (y0 * 200 + x0)
-    strides = np.full(len(regions), 200, np.int64)
-    heights, widths = height.astype(np.int32), width.astype(np.int32)
-    counts = np.full((len(regions), 256), -1, np.int64)
-    status = kernel.magnitude_histograms(
-        len(regions), addresses.ctypes.data, strides.ctypes.data, heights.ctypes.data, widths.ctypes.data,
-        counts.ctypes.data,
-    )
-    assert status == 0
-    for k, (t, top, h, left, w) in enumerate(regions):
-        small = cv2.resize(images[t][top:top + h, left:left + w], (64, 64))
-        grad_x = cv2.Sobel(small, cv2.CV_64F, 1, 0, ksize=3, borderType=cv2.BORDER_REPLICATE)
-        grad_y = cv2.Sobel(small, cv2.CV_64F, 0, 1, ksize=3, borderType=cv2.BORDER_REPLICATE)
-        expected, _ = np.histogram(np.sqrt(grad_x**2 + grad_y**2), bins=512, range=(-5.5, 5.5))
-        assert np.array_equal(counts[k], expected[256:]), k
+    regions = _random_regions(rng, [(200, 200)] * len(images), 240, min_side=2)
+    counts = _kernel_histograms(images, regions)
+    for k, (tile, y0, y1, x0, x1) in enumerate(regions.tolist()):
+        assert np.array_equal(counts[k], _opencv_numpy_histogram(images[tile][y0:y1 + 1, x0:x1 + 1])), k
 
 
-def test_kernel_bins_at_bin_edges():
-    """Squared magnitudes next to every bin edge land in numpy's bin, also where the rounding of sqrt decides."""
+def test_kernel_bins_next_to_bin_edges():
+    """Magnitudes at, and a few float32 steps either side of, every bin edge land in numpy's bin.
+
+    A 64x64 region is not resized, so its pixels are chosen directly: a column of value t between columns of 0
+    gives the magnitude 4 t (exact in float64) in its two neighbours, with gy = 0 (transposed: gx = 0). Each t is
+    j * BIN_WIDTH / 4 (exact in float32) or up to 3 float32 steps away, so these magnitudes are within the
+    kernel's float32 margin of an edge and take its exact path.
+    """
+    targets = [np.float32(j * _BIN_WIDTH / 4) for j in range(1, 187)]
+    steps = [t for target in targets for t in _float32_steps(target, 3)]
+    images = []
+    for start in range(0, len(steps), 16):
+        chunk = steps[start:start + 16]
+        columns = np.zeros(64, np.float32)
+        columns[2::4][:len(chunk)] = chunk
+        image = np.tile(columns, (64, 1))
+        images += [image, np.ascontiguousarray(image.T)]
+    regions = np.array([(tile, 0, 63, 0, 63) for tile in range(len(images))], np.int32)
+    counts = _kernel_histograms(images, regions)
+    for tile, image in enumerate(images):
+        assert np.array_equal(counts[tile], _opencv_numpy_histogram(image)), tile
+
+
+def _float32_steps(value: np.float32, steps: int) -> list[np.float32]:
+    """value and its `steps` float32 neighbours on either side."""
+    below, above = [value], [value]
+    for _ in range(steps):
+        below.append(np.nextafter(below[-1], np.float32(0)))
+        above.append(np.nextafter(above[-1], np.float32(1)))
+    return below[::-1] + above[1:]
+
+
+def test_kernel_entropy_sums_in_numpys_pairwise_order():
+    """The kernel sums the 256 looked-up terms in numpy's pairwise order: with random terms of wildly different
+    sizes and signs (any other order would round differently), it matches np.sum over the 512-bin array."""
     kernel = _kernel()
-    edges = np.arange(1, 233) * _BIN_WIDTH
-    # Each edge's square and its 40 doubles below and 3 above: the rounded square root changes bin among them.
-    near = [edges**2]
-    for _ in range(40):
-        near.append(np.nextafter(near[-1], 0))
-    for _ in range(3):
-        near.insert(0, np.nextafter(near[0], 30))
-    squared = np.concatenate(near + [np.random.default_rng(6).random(5000) * 24.9, [0.0, 1e-300]])
-    bins = np.empty(len(squared), np.int32)
-    assert kernel.bins_of_squares(squared.ctypes.data, len(squared), bins.ctypes.data) == 0
-    magnitude = np.sqrt(squared)
-    expected = np.array([np.argmax(np.histogram(m, bins=512, range=(-5.5, 5.5))[0]) - 256 for m in magnitude])
-    assert np.array_equal(bins, expected)
-    too_large = np.array([1.0, 25.0], np.float64)
-    assert kernel.bins_of_squares(too_large.ctypes.data, 2, bins.ctypes.data) == -1
+    rng = np.random.default_rng(9)
+    image = (grey_image(_random_image(rng, 256, 256)) + 1.0) / 2.0
+    regions = np.array([(0, y, y + 63, x, x + 63) for y in range(0, 193, 64) for x in range(0, 193, 16)], np.int32)
+    counts = _kernel_histograms([image], regions)
+    scorer = _KernelScorer([image], kernel)
+    for _ in range(20):
+        terms = rng.standard_normal(4097) * 10.0 ** rng.integers(-12, 12, 4097)
+        terms[0] = -0.0  # an empty bin's term, as in every real table
+        scores = np.empty(len(regions))
+        status = kernel.region_scores(
+            len(regions), regions.ctypes.data, scorer.base.ctypes.data, scorer.stride.ctypes.data, terms.ctypes.data,
+            1.0, scores.ctypes.data, None,
+        )
+        assert status == 0
+        full = np.concatenate([np.zeros_like(counts), counts], axis=1)
+        expected = [-np.sum(terms[row]) * 64 * 64 for row in full]
+        assert scores.tolist() == expected
+
+
+def test_entropy_terms_are_numpys_for_every_count():
+    """Exhaustive over the counts a bin can hold (0..4096 of 4096 magnitudes): the term table equals numpy's
+    p * log2(p + 1e-10) in released one-histogram arrays, with the count at many different positions."""
+    for count in range(4097):
+        histogram = np.zeros(512, np.int64)
+        histogram[256 + count % 256] = count
+        histogram[256 + (count + 97) % 256] += 4096 - count
+        prob = histogram / (histogram.sum() + 1e-5)
+        assert np.array_equal(prob * np.log2(prob + 1e-10), _ENTROPY_TERMS[histogram]), count
+
+
+def test_kernel_grey_conversion_equals_numpy_for_every_colour():
+    """Exhaustive over all 2^24 RGB colours: the kernel's (grey + 1) / 2 equals the released numpy arithmetic."""
+    kernel = _kernel()
+    colours = np.arange(2**24, dtype=np.uint32)
+    rgb = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], axis=1).astype(np.uint8)
+    for chunk in np.split(rgb.reshape(64, 2**18, 3), 64):
+        np.testing.assert_array_equal(_unit_images(chunk[:, None], kernel), _unit_images(chunk[:, None], None))
+
+
+def test_kernel_rejects_values_out_of_range():
+    """The kernel's float32 binning is proven for tile values in [0, 1] (it checks |value| <= 1.25)."""
+    tile = np.full((64, 64), 0.5, np.float32)
+    tile[10, 10] = 1.3
+    with pytest.raises(RuntimeError, match="out of range"):
+        _KernelScorer([tile], _kernel()).scores(np.array([(0, 0, 63, 0, 63)], np.int32), 2.5)
+
+
+def test_opencv_path_with_unsure_pixels_only_on_block_borders():
+    """Regression: two flat regions whose values differ by a quarter bin width: their only gradients near a bin
+    edge are on the replicated borders between their blocks, which are not counted (this used to crash)."""
+    flat = np.full((64, 64), 0.25, np.float32)
+    tiles = [flat, flat + np.float32(_BIN_WIDTH / 4)]
+    counts = _OpenCVScorer(tiles).magnitude_counts(np.array([(0, 0, 63, 0, 63), (1, 0, 63, 0, 63)]))
+    assert counts[:, 0].tolist() == [4096, 4096]
+
+
+# A 32x32 photo crop on which the OpenCV path crashed with 16 tokens and min_size 4 (zlib-compressed uint8 RGB).
+_CRASH_CROP = (
+    "eNqtk22SgyAMQK8iWrX/amttb7FVu/24/0k2EAiBgGVnd+bNDoTwkuBWDTcVUh2+lAjmgGQi2uY80dF2Oanalkvhx3FK8uvjDKjT"
+    "XB1vBG1zZn0lv0360YkLvy3wW0MYh1maYSaqYUGUwW9NIXPLHqnDmkAfoX8FqBb5FQTNEYERNoWW66PhrqEFri2zv+5qWU73RgBB"
+    "eqIgOXAG6Fts7VWZfPDj84qjIEKvF9X6CMqjNirtmRn5WRz8TcK3WuSYSt9dQlLvIPx1qqL8KLWtG7Abv4ENfy2IWiJ/Yz1zbgr5"
+    "FFgd4TnVyHKONlP7U/3o//DxVo+ukMlsmFmWCHrI+BseGRdN6E+WiAYBuY87uL85rwD56wJ/uijmnx/++nndTXfA+kMzytvzAyn3"
+    "+xLOD3A55rQpvNDkBDbhtwmm/yin3STyR850LeYnTzdmS9STR04h/Xgr8sdtl1G7Hw5OqoXTU3cLf5E/+OE6bxI/VkdO4+ffF46I"
+    "toDd9YUG7m+ZjTI7N9Sv/M3lyf0R3NMJSvz0ueX4keS//P3lFRk6iLggnBIdY6OEPTV+e9E5ub8XdGX01zc60Y9a7u9TcllLewgT"
+    "3E+22+AdLm+gnV5EoT/o2b0DLjb8sC7xyyro3+PjBLzJjPwArWum0w=="
+)
+
+
+def test_small_photo_crop_on_both_paths(scorer_path):
+    crop = np.frombuffer(zlib.decompress(base64.b64decode(_CRASH_CROP)), np.uint8).reshape(32, 32, 3)
+    boxes = entropy_partition(crop, 16, min_size=4, tile_size=32).boxes
+    expected = baseline.baseline_tile_partition(grey_image(crop), 16, 4, 2.5)
+    assert [tuple(b) for b in _pixel_boxes(boxes, 32, 32)] == [(x0, y0, x1, y1) for y0, y1, x0, x1 in expected]
 
 
 def test_kernel_is_cached_and_missing_compiler_falls_back(tmp_path, monkeypatch):

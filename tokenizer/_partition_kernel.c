@@ -1,11 +1,10 @@
 /*
- * Gradient-magnitude histograms of many image regions, for tokenizer/partition.py (SPEC.md section 3).
+ * Region scores of the entropy partition, for tokenizer/partition.py (SPEC.md section 3).
  *
- * For each region of a float32 image: resize to 64x64 exactly as cv2.resize(INTER_LINEAR) does for float32,
- * 3x3 Sobel in x and y with replicated border in float64 exactly as cv2.Sobel(CV_64F) does, magnitude
- * sqrt(gx*gx + gy*gy) in float64 as numpy computes it, and count the magnitudes into the upper half of
- * numpy's 512-bin histogram over [-5.5, 5.5] (bins 256..511 hold [0, 5.5]; a magnitude is never negative).
- * The entropy of the counts is left to numpy, which defines it.
+ * For each region of a float32 tile: resize to 64x64 exactly as cv2.resize(INTER_LINEAR) does for float32; the
+ * bin of every Sobel gradient magnitude in numpy's 512-bin histogram over [-5.5, 5.5], exactly as numpy bins the
+ * float64 magnitude sqrt(gx*gx + gy*gy) of cv2.Sobel(CV_64F, ksize 3, replicated border); the entropy of the
+ * histogram exactly as numpy computes it; and the score entropy**weight * height * width.
  *
  * Every floating-point operation below is meant literally: the file must be compiled with
  * -ffp-contract=off (no fused multiply-adds except the explicit fmaf calls) and without -ffast-math.
@@ -17,8 +16,9 @@
 #include <string.h>
 
 /* GCC and Clang on x86-64 Linux build every function for AVX-512F, for FMA (with AVX) and for plain x86-64,
- * and pick one by the CPU's features when the library is loaded (without FMA, fmaf is a library call). Every variant computes the same values: the arithmetic
- * is IEEE in all of them, fmaf is exact everywhere, and no variant contracts or reassociates. */
+ * and pick one by the CPU's features when the library is loaded (without FMA, fmaf is a library call). Every
+ * variant computes the same values: the arithmetic is IEEE in all of them, fmaf is exact everywhere, and no
+ * variant contracts or reassociates. */
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define CPU_VARIANTS __attribute__((target_clones("avx512f", "fma", "default")))
 #else
@@ -26,13 +26,33 @@
 #endif
 
 #define SIDE 64
+#define PIXELS (SIDE * SIDE)
 #define MAGNITUDE_BINS 256
-/* Width of one of the 512 histogram bins, 11/512: a dyadic fraction, so j * BIN_WIDTH is exact. */
+/* Width of one of the 512 histogram bins, 11/512: a dyadic fraction, so j * BIN_WIDTH is exact, and so are
+ * numpy's bin edges, which makes numpy's binning the exact rule j * BIN_WIDTH <= m < (j + 1) * BIN_WIDTH for the
+ * upper bins 256 + j (a magnitude is never negative). */
 #define BIN_WIDTH (11.0 / 512.0)
 
-/* Where each of the 64 output pixels of one axis reads its source, for a source axis of n pixels:
+/* ------------------------------------------------------------------------------------------------------------
+ * Grey conversion */
+
+/* The tile values (grey + 1) / 2 of `pixels` uint8 RGB pixels, in the released float32 arithmetic: each channel
+ * u / 127.5 - 1 in float64 rounded to float32 (`signed`, 256 entries), then float32 throughout. */
+CPU_VARIANTS void gps_unit_image(const uint8_t *rgb, int64_t pixels, const float *signed_value, float *out)
+{
+    for (int64_t i = 0; i < pixels; i++) {
+        const uint8_t *p = rgb + 3 * i;
+        float grey = (0.299f * signed_value[p[0]] + 0.587f * signed_value[p[1]]) + 0.114f * signed_value[p[2]];
+        out[i] = (grey + 1.0f) / 2.0f;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Resize */
+
+/* Where each of the 64 output pixels of one axis reads its two sources, for a source axis of n pixels:
  * OpenCV's INTER_LINEAR mapping (pixel centres, coordinate and fraction in float, clamped at both ends). */
-CPU_VARIANTS static void linear_axis(int n, int *first, float *fraction)
+CPU_VARIANTS static void linear_axis(int n, int *first, int *second, float *fraction)
 {
     const double scale = 1.0 / ((double)SIDE / (double)n);
     for (int d = 0; d < SIDE; d++) {
@@ -48,18 +68,18 @@ CPU_VARIANTS static void linear_axis(int n, int *first, float *fraction)
             position = 0.0f;
         }
         first[d] = index;
+        second[d] = index + 1 < n ? index + 1 : index;
         fraction[d] = position;
     }
 }
 
 /* One source row, resized along x to 64 pixels: s0 + (s1 - s0) * a with a single rounding of the product-sum. */
-CPU_VARIANTS static void resize_row(const float *row, int width, const int *first, const float *fraction, float *out)
+CPU_VARIANTS static void resize_row(const float *row, const int *first, const int *second, const float *fraction,
+                                    float *out)
 {
     for (int d = 0; d < SIDE; d++) {
-        int x = first[d];
-        float s0 = row[x];
-        float s1 = row[x + 1 < width ? x + 1 : x];
-        out[d] = fmaf(s1 - s0, fraction[d], s0);
+        float s0 = row[first[d]];
+        out[d] = fmaf(row[second[d]] - s0, fraction[d], s0);
     }
 }
 
@@ -71,25 +91,25 @@ CPU_VARIANTS void gps_resize64(const float *src, int64_t stride, int height, int
             memcpy(out + y * SIDE, src + y * stride, SIDE * sizeof(float));
         return;
     }
-    int first_x[SIDE], first_y[SIDE];
+    int first_x[SIDE], second_x[SIDE], first_y[SIDE], second_y[SIDE];
     float fraction_x[SIDE], fraction_y[SIDE];
-    linear_axis(width, first_x, fraction_x);
-    linear_axis(height, first_y, fraction_y);
+    linear_axis(width, first_x, second_x, fraction_x);
+    linear_axis(height, first_y, second_y, fraction_y);
 
-    /* The x-resized source rows first_y[d] and first_y[d] + 1 (clamped), kept while they are reused. */
+    /* The x-resized source rows first_y[d] and second_y[d], kept while they are reused. */
     float upper[SIDE], lower[SIDE];
     int upper_row = -1, lower_row = -1;
     for (int d = 0; d < SIDE; d++) {
-        int y0 = first_y[d], y1 = y0 + 1 < height ? y0 + 1 : y0;
+        int y0 = first_y[d], y1 = second_y[d];
         if (y0 != upper_row) {
             if (y0 == lower_row)
                 memcpy(upper, lower, sizeof upper);
             else
-                resize_row(src + y0 * stride, width, first_x, fraction_x, upper);
+                resize_row(src + y0 * stride, first_x, second_x, fraction_x, upper);
             upper_row = y0;
         }
         if (y1 != lower_row) {
-            resize_row(src + y1 * stride, width, first_x, fraction_x, lower);
+            resize_row(src + y1 * stride, first_x, second_x, fraction_x, lower);
             lower_row = y1;
         }
         const float b = fraction_y[d];
@@ -99,25 +119,33 @@ CPU_VARIANTS void gps_resize64(const float *src, int64_t stride, int height, int
     }
 }
 
-/* Row passes of the separable 3x3 Sobel over one image row, borders replicated, in float64 and in OpenCV's
- * order of additions: difference[x] = S[x+1] - S[x-1] (the x derivative's -1 0 1), smooth[x] =
- * (S[x-1] + 2 S[x]) + S[x+1] (the y derivative's 1 2 1 along the row). */
-CPU_VARIANTS static void sobel_rows(const float *row, double *difference, double *smooth)
-{
-    double padded[SIDE + 2];
-    padded[0] = row[0];
-    for (int x = 0; x < SIDE; x++)
-        padded[x + 1] = row[x];
-    padded[SIDE + 1] = row[SIDE - 1];
-    for (int x = 0; x < SIDE; x++) {
-        difference[x] = padded[x + 2] - padded[x];
-        smooth[x] = (padded[x] + 2.0 * padded[x + 1]) + padded[x + 2];
-    }
-}
+/* ------------------------------------------------------------------------------------------------------------
+ * Magnitude bins
+ *
+ * The bins come from a float32 Sobel and magnitude, v = sqrtf(gx*gx + gy*gy) * (float)(1 / BIN_WIDTH), trusted
+ * where v is farther than MARGIN from a bin edge (an integer); the few others are recomputed in float64 in
+ * OpenCV's and numpy's exact arithmetic. Bound on |v - m / BIN_WIDTH|, m the float64 magnitude numpy bins, for
+ * a 64x64 image with every |value| <= 1.25 (checked; tiles lie in [0, 1]) and v < V_LIMIT (checked), u = 2^-24:
+ *  - float32 gradient: with the orders below, each rounding adds at most u times the size of its exact result,
+ *    and those are at most 2, 6, 8 (times 1.25) for gx's difference, partial sum and sum, and 3, 4, 8 for gy's
+ *    partial sum, sum and difference; so |gx - gx*| <= 22 * 1.25 u and |gy - gy*| <= 22 * 1.25 u (gx*, gy*: the
+ *    exact gradient of the float32 image, plus O(u^2)), and the gradient vector is off by at most 39 u.
+ *  - the magnitude is 1-Lipschitz in the vector; times 1 / BIN_WIDTH = 46.55 that is 1815 u bins.
+ *  - squares, sum, sqrtf, the float32 scale and the product add a relative error of at most 4 u (+O(u^2)): at
+ *    most 4 u * V_LIMIT = 928 u bins.
+ *  - the float64 magnitude m is within 1e-12 bins of the exact one (the same analysis with u = 2^-53).
+ * So |v - m / BIN_WIDTH| < 2750 u = 1.7e-4 bins, and MARGIN = 2^-11 = 4.9e-4 bins leaves a factor 2.8.
+ * An inexact bin from v would need v within that bound of an integer j >= 1 (bin 0's lower edge 0 needs no
+ * margin: m >= 0). v - (float)floor(v) is exact in float32, so the test on it is exact too. */
+#define MARGIN (1.0f / 2048.0f)
+/* v of a magnitude of 5 (232.7 bins), less the bound: a certified v below it has m < 5, inside [0, 5.5). A
+ * larger one cannot come from values in [0, 1] (at most sqrt(20) = 4.47) and is reported as an error. */
+#define V_LIMIT 232.0f
+#define VALUE_LIMIT 1.25f
 
-/* numpy's bin of the magnitude m = sqrt(squared) (rounded to float64): an estimate, corrected against the
- * exact bin edges j * BIN_WIDTH, as numpy.histogram does. */
-CPU_VARIANTS static int exact_bin(double squared)
+/* numpy's bin of the float64 magnitude sqrt(squared): an estimate off by at most one, corrected against the exact
+ * edges, as numpy.histogram does. */
+static int exact_bin(double squared)
 {
     double m = sqrt(squared);
     int j = (int)(m * (1.0 / BIN_WIDTH));
@@ -126,84 +154,79 @@ CPU_VARIANTS static int exact_bin(double squared)
     return j;
 }
 
-/* A value below e^2 * CERTAINLY_BELOW has a rounded square root below e, for every bin edge e (see below). */
-#define CERTAINLY_BELOW (1.0 - 0x1p-40)
-
-/* Bins of the magnitudes sqrt(squared[i]), n of them, all below 5 (returns -1 otherwise), without taking
- * float64 square roots.
- *
- * An edge e = j * BIN_WIDTH has at most 12 significant bits, so e and e^2 are exact doubles. sqrt rounds to
- * nearest (ties to even, and e is even), so rounded sqrt(s) >= e exactly when s >= t, where t, the square of
- * the midpoint between e and the double below it, lies in [e^2 (1 - 2^-52), e^2]. So s >= e^2 is surely at
- * or above the edge and s < e^2 * CERTAINLY_BELOW surely below; a float32 square root gives the bin to within
- * one, and the rare values between the two bounds of an edge they are tested against are redone exactly. */
-CPU_VARIANTS static int bins_of_squares(const double *squared, int n, int *bin)
+/* The bin of pixel (y, x) of a 64x64 image from the float64 Sobel, in cv2.Sobel(CV_64F)'s order of operations:
+ * row passes difference = S[x+1] - S[x-1] and smooth = (S[x-1] + 2 S[x]) + S[x+1] (borders replicated), then
+ * column passes gx = (d[y-1] + 2 d[y]) + d[y+1] and gy = s[y+1] - s[y-1]. */
+static int exact_pixel_bin(const float *image, int y, int x)
 {
-    int unsure = 0, out_of_range = 0;
-    for (int i = 0; i < n; i++) {
-        double s = squared[i];
-        out_of_range |= !(s < 25.0);
-        int j = (int)(sqrtf((float)s) * (float)(1.0 / BIN_WIDTH));
-        double low = j * BIN_WIDTH, high = low + BIN_WIDTH;
-        double low2 = low * low, high2 = high * high;
-        int below = s < low2 * CERTAINLY_BELOW, above = s >= high2;
-        unsure |= ((s < low2) & !below) | ((s < high2) & (s >= high2 * CERTAINLY_BELOW));
-        bin[i] = j - below + above;
+    const int rows[3] = {y > 0 ? y - 1 : 0, y, y + 1 < SIDE ? y + 1 : y};
+    const int left = x > 0 ? x - 1 : 0, right = x + 1 < SIDE ? x + 1 : x;
+    double difference[3], smooth[3];
+    for (int r = 0; r < 3; r++) {
+        const float *row = image + rows[r] * SIDE;
+        difference[r] = (double)row[right] - (double)row[left];
+        smooth[r] = ((double)row[left] + 2.0 * (double)row[x]) + (double)row[right];
     }
-    if (out_of_range)
-        return -1;
-    if (unsure)
-        for (int i = 0; i < n; i++) {
-            double s = squared[i];
-            int j = bin[i];
-            double low = j * BIN_WIDTH, high = low + BIN_WIDTH;
-            if ((s < low * low && s >= low * low * CERTAINLY_BELOW) ||
-                (s < high * high && s >= high * high * CERTAINLY_BELOW))
-                bin[i] = exact_bin(s);
-        }
-    return 0;
+    double gx = (difference[0] + 2.0 * difference[1]) + difference[2];
+    double gy = smooth[2] - smooth[0];
+    return exact_bin(gx * gx + gy * gy);
 }
 
-/* For tests: bins_of_squares over any number of values. */
-CPU_VARIANTS int gps_bins_of_squares(const double *squared, int64_t n, int32_t *bin)
+/* float32 row passes of one image row (see exact_pixel_bin for the order), and whether a value is out of range. */
+CPU_VARIANTS static int row_passes(const float *row, float *difference, float *smooth)
 {
-    int chunk[SIDE];
-    for (int64_t start = 0; start < n; start += SIDE) {
-        int size = n - start < SIDE ? (int)(n - start) : SIDE;
-        if (bins_of_squares(squared + start, size, chunk))
-            return -1;
-        for (int i = 0; i < size; i++)
-            bin[start + i] = chunk[i];
+    float padded[SIDE + 2];
+    int bad = 0;
+    padded[0] = row[0];
+    for (int x = 0; x < SIDE; x++) {
+        padded[x + 1] = row[x];
+        /* Bitwise, not &&/||: a branch-free test the compiler vectorises. NaN fails the magnitude test. */
+        bad |= (row[x] < -VALUE_LIMIT) | (row[x] > VALUE_LIMIT);
     }
-    return 0;
+    padded[SIDE + 1] = row[SIDE - 1];
+    for (int x = 0; x < SIDE; x++) {
+        difference[x] = padded[x + 2] - padded[x];
+        smooth[x] = (padded[x] + 2.0f * padded[x + 1]) + padded[x + 2];
+    }
+    return bad;
 }
 
-/* Counts of the 4096 Sobel gradient magnitudes of a 64x64 image into the 256 bins [j, j + 1) * BIN_WIDTH.
- * Returns -1 if a magnitude is 5 or more (or NaN): impossible for values in [0, 1], whose magnitude is at
- * most sqrt(20). */
-CPU_VARIANTS static int magnitude_histogram(const float *image, int64_t *counts)
+/* Counts of the 4096 gradient magnitudes of a 64x64 image in the 256 bins [j, j + 1) * BIN_WIDTH. Returns -1 if
+ * a value or magnitude is out of range (see above). */
+CPU_VARIANTS static int magnitude_histogram(const float *image, uint32_t *counts)
 {
     /* Row passes of image rows y - 1, y, y + 1 (replicated at the top and bottom), in a ring of three. */
-    double difference[3][SIDE], smooth[3][SIDE];
-    sobel_rows(image, difference[0], smooth[0]);
-    sobel_rows(image + SIDE, difference[1], smooth[1]);
+    float difference[3][SIDE], smooth[3][SIDE];
+    int bad = row_passes(image, difference[0], smooth[0]);
+    bad |= row_passes(image + SIDE, difference[1], smooth[1]);
     /* Four interleaved sub-histograms, so that runs of equal bins do not serialise on one counter. */
     uint32_t partial[4][MAGNITUDE_BINS];
     memset(partial, 0, sizeof partial);
     for (int y = 0; y < SIDE; y++) {
         int above = y > 0 ? (y - 1) % 3 : 0, here = y % 3, below = y + 1 < SIDE ? (y + 1) % 3 : here;
         if (y > 0 && y + 1 < SIDE)
-            sobel_rows(image + (y + 1) * SIDE, difference[below], smooth[below]);
-        double squared[SIDE];
-        int bin[SIDE];
+            bad |= row_passes(image + (y + 1) * SIDE, difference[below], smooth[below]);
+        int bin[SIDE], unsure = 0;
         for (int x = 0; x < SIDE; x++) {
-            /* Column passes: 1 2 1 over the differences gives gx, -1 0 1 over the smoothed rows gives gy. */
-            double gx = (difference[above][x] + 2.0 * difference[here][x]) + difference[below][x];
-            double gy = smooth[below][x] - smooth[above][x];
-            squared[x] = gx * gx + gy * gy;
+            float gx = (difference[above][x] + 2.0f * difference[here][x]) + difference[below][x];
+            float gy = smooth[below][x] - smooth[above][x];
+            float v = sqrtf(gx * gx + gy * gy) * (float)(1.0 / BIN_WIDTH);
+            bad |= !(v < V_LIMIT);
+            int j = (int)v;
+            float fraction = v - (float)j;
+            unsure |= (fraction < MARGIN && j > 0) | (fraction > 1.0f - MARGIN);
+            bin[x] = j;
         }
-        if (bins_of_squares(squared, SIDE, bin))
+        if (bad)
             return -1;
+        if (unsure)
+            for (int x = 0; x < SIDE; x++) {
+                float gx = (difference[above][x] + 2.0f * difference[here][x]) + difference[below][x];
+                float gy = smooth[below][x] - smooth[above][x];
+                float fraction = sqrtf(gx * gx + gy * gy) * (float)(1.0 / BIN_WIDTH) - (float)bin[x];
+                if ((fraction < MARGIN && bin[x] > 0) || fraction > 1.0f - MARGIN)
+                    bin[x] = exact_pixel_bin(image, y, x);
+            }
         for (int x = 0; x < SIDE; x += 4) {
             partial[0][bin[x]]++;
             partial[1][bin[x + 1]]++;
@@ -212,21 +235,69 @@ CPU_VARIANTS static int magnitude_histogram(const float *image, int64_t *counts)
         }
     }
     for (int j = 0; j < MAGNITUDE_BINS; j++)
-        counts[j] = (int64_t)partial[0][j] + partial[1][j] + partial[2][j] + partial[3][j];
+        counts[j] = partial[0][j] + partial[1][j] + partial[2][j] + partial[3][j];
     return 0;
 }
 
-/* Magnitude histograms of `count` regions: region k is a heights[k] x widths[k] float32 image at address
- * addresses[k], its rows strides[k] floats apart (both sides at least 2). counts: int64 (count, 256), the
- * bins 256..511 of the released 512-bin histogram. Returns 0, or -1 if a magnitude was out of range. */
-CPU_VARIANTS int gps_magnitude_histograms(int count, const int64_t *addresses, const int64_t *strides, const int32_t *heights,
-                             const int32_t *widths, int64_t *counts)
+/* ------------------------------------------------------------------------------------------------------------
+ * Entropy and score */
+
+/* numpy's pairwise sum of n doubles (n a multiple of 8, at least 8): blocks of at most 128 summed by eight
+ * interleaved accumulators, combined as ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)); longer runs split in
+ * two halves (the first a multiple of 8) whose sums are added. */
+static double pairwise_sum(const double *a, int n)
 {
-    float image[SIDE * SIDE];
+    if (n > 128) {
+        int half = n / 2;
+        half -= half % 8;
+        return pairwise_sum(a, half) + pairwise_sum(a + half, n - half);
+    }
+    double r[8];
+    for (int k = 0; k < 8; k++)
+        r[k] = a[k];
+    for (int i = 8; i < n; i += 8)
+        for (int k = 0; k < 8; k++)
+            r[k] += a[i + k];
+    return ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+}
+
+/* The released entropy -sum(p * log2(p + 1e-10)), p = counts / (4096 + 1e-5), of the 512-bin histogram whose
+ * upper half is `counts`. term[c] is numpy's p * log2(p + 1e-10) for a count c (computed by numpy: its log2 is
+ * not necessarily the C library's). numpy sums the 512 terms as pairwise(lower 256) + pairwise(upper 256); the
+ * lower half is all -0.0 (0 * a negative log), whose sum -0.0 leaves the upper half's sum unchanged, and so does
+ * adding that sum to the reduction's initial 0.0, since it is negative (a histogram of 4096 values has a bin
+ * with p > 0, whose term is negative). */
+static double entropy(const uint32_t *counts, const double *term)
+{
+    double terms[MAGNITUDE_BINS];
+    for (int j = 0; j < MAGNITUDE_BINS; j++)
+        terms[j] = term[counts[j]];
+    return -pairwise_sum(terms, MAGNITUDE_BINS);
+}
+
+/* Scores of `count` regions. Region k is regions[5k .. 5k+4] = (tile, y0, y1, x0, x1), inclusive, of the float32
+ * tile at tile_addresses[tile] whose rows are tile_strides[tile] floats apart (both sides at least 2 pixels).
+ * scores[k] = entropy ** weight * height * width, with the C library's pow, which Python's float ** uses.
+ * counts: NULL, or int64 (count, 256) receiving the histograms (bins 256..511 of the 512). Returns 0, or -1 if a
+ * value is out of range (tiles not in [0, 1]). */
+CPU_VARIANTS int gps_region_scores(int count, const int32_t *regions, const int64_t *tile_addresses,
+                                   const int64_t *tile_strides, const double *term, double weight, double *scores,
+                                   int64_t *counts)
+{
+    float image[PIXELS];
+    uint32_t histogram[MAGNITUDE_BINS];
     for (int k = 0; k < count; k++) {
-        gps_resize64((const float *)(intptr_t)addresses[k], strides[k], heights[k], widths[k], image);
-        if (magnitude_histogram(image, counts + (int64_t)k * MAGNITUDE_BINS))
+        const int32_t *r = regions + 5 * k;
+        const int64_t stride = tile_strides[r[0]];
+        const float *tile = (const float *)(intptr_t)tile_addresses[r[0]];
+        const int height = r[2] - r[1] + 1, width = r[4] - r[3] + 1;
+        gps_resize64(tile + r[1] * stride + r[3], stride, height, width, image);
+        if (magnitude_histogram(image, histogram))
             return -1;
+        scores[k] = pow(entropy(histogram, term), weight) * (double)height * (double)width;
+        if (counts)
+            for (int j = 0; j < MAGNITUDE_BINS; j++)
+                counts[(int64_t)k * MAGNITUDE_BINS + j] = histogram[j];
     }
     return 0;
 }

@@ -85,15 +85,15 @@ class Kernel:
 
     def __init__(self, path: Path):
         library = ctypes.CDLL(str(path))
-        self.magnitude_histograms = library.gps_magnitude_histograms
-        self.magnitude_histograms.argtypes = [ctypes.c_int, *[_ADDRESS] * 5]
-        self.magnitude_histograms.restype = ctypes.c_int
+        self.region_scores = library.gps_region_scores
+        self.region_scores.argtypes = [ctypes.c_int, *[_ADDRESS] * 4, ctypes.c_double, _ADDRESS, _ADDRESS]
+        self.region_scores.restype = ctypes.c_int
+        self.unit_image = library.gps_unit_image
+        self.unit_image.argtypes = [_ADDRESS, ctypes.c_int64, _ADDRESS, _ADDRESS]
+        self.unit_image.restype = None
         self.resize64 = library.gps_resize64
         self.resize64.argtypes = [_ADDRESS, ctypes.c_int64, ctypes.c_int, ctypes.c_int, _ADDRESS]
         self.resize64.restype = None
-        self.bins_of_squares = library.gps_bins_of_squares
-        self.bins_of_squares.argtypes = [_ADDRESS, ctypes.c_int64, _ADDRESS]
-        self.bins_of_squares.restype = ctypes.c_int
 
 
 @lru_cache(maxsize=None)

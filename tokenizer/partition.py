@@ -11,13 +11,13 @@ loop bit for bit (same regions, same token order) while being much faster:
   children are appended at its end. The sorted order is therefore always "score descending, then creation
   order", which a heap keyed by (-score, creation index) gives without re-sorting.
 * The released loop scores one region per library call. Here the children of the next few picks of every tile
-  of every image of a batch are scored together in one call (`_entropies`); a region's score
-  does not depend on when it is computed, so computing it a little ahead changes nothing.
-* The per-pixel work of a score (resize, Sobel, magnitude histogram) is done by a small C kernel,
-  `_partition_kernel.c`, compiled at run time and cached (`_partition_native`), which repeats OpenCV's and
-  numpy's arithmetic operation by operation (`_KernelScorer`). Without a C compiler it is done by fused
-  OpenCV passes instead (`_OpenCVScorer`): a float32 approximation whose bin is provably right away from bin
-  edges, the few pixels near an edge recomputed in float64 by OpenCV itself. Both give the same scores.
+  of every image of a batch are scored together in one call; a region's score does not depend on when it is
+  computed, so computing it a little ahead changes nothing.
+* A region's score (resize, Sobel, magnitude histogram, entropy, power) is computed by a small C kernel,
+  `_partition_kernel.c`, compiled at run time and cached (`_partition_native`), which gives OpenCV's and numpy's
+  results exactly (`_KernelScorer`); it also does the grey conversion. Without a C compiler the histograms are
+  made by fused OpenCV passes instead (`_OpenCVScorer`): a float32 approximation whose bin is provably right away
+  from bin edges, the few pixels near an edge recomputed in float64 by OpenCV itself. Both give the same scores.
 """
 from __future__ import annotations
 
@@ -173,8 +173,37 @@ def bias_from_boxes(height: int, width: int, boxes) -> np.ndarray:
 # Region scores
 
 
+def _unit_images(images: np.ndarray, kernel) -> np.ndarray:
+    """uint8 RGB (B, H, W, 3) -> float32 (B, H, W) tiles values (grey + 1) / 2, the released arithmetic."""
+    if kernel is None:
+        return (grey_image(images) + 1.0) / 2.0
+    images = np.ascontiguousarray(images)
+    units = np.empty(images.shape[:3], np.float32)
+    kernel.unit_image(images.ctypes.data, units.size, _UINT8_TO_SIGNED.ctypes.data, units.ctypes.data)
+    return units
+
+
+def _histogram_entropy(histogram: np.ndarray) -> np.ndarray:
+    """Entropy in bits of each row of int64 (K, 256) counts (the upper half of the released 512-bin
+    histogram; the lower half is always empty), with the released normalisation and epsilons.
+
+    Row-wise numpy reductions use the same pairwise summation as the released one-histogram-at-a-time calls.
+    That summation splits 512 terms into halves of 256, and the empty lower half sums to -0.0, so summing the
+    upper half alone gives the released value bit for bit (tests/test_partition.py checks both).
+    """
+    prob = histogram / (histogram.sum(axis=1, keepdims=True) + 1e-5)
+    return -np.sum(prob * np.log2(prob + 1e-10), axis=1)
+
+
+# Every histogram counts the SCORE_SIDE**2 magnitudes of a resized region (none is ever dropped), so a bin's
+# term p * log2(p + 1e-10) of the released entropy depends on its count alone: the kernel looks the terms up
+# here. They are computed by numpy itself, whose log2 need not be the C library's.
+_COUNT_PROBABILITY = np.arange(SCORE_SIDE**2 + 1) / (SCORE_SIDE**2 + 1e-5)
+_ENTROPY_TERMS = _COUNT_PROBABILITY * np.log2(_COUNT_PROBABILITY + 1e-10)
+
+
 class _OpenCVScorer:
-    """Gradient-magnitude histograms of many regions at once, in a few fused OpenCV passes (no C compiler needed).
+    """Region scores from gradient-magnitude histograms made in a few fused OpenCV passes (no C compiler needed).
 
     Per region (inclusive pixel ranges of a tile of `(grey + 1) / 2`): OpenCV bilinear resize to 64x64 (the
     definition, called per region exactly as the released code does), 3x3 Sobel in x and y with replicated border
@@ -201,19 +230,29 @@ class _OpenCVScorer:
         self.tiles = tiles
         self._region_ids: dict[int, np.ndarray] = {}
 
-    def magnitude_counts(self, regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
-        """regions: (tile index, y0, y1, x0, x1), inclusive. Returns int64 (K, 256) counts of the upper bins."""
-        chunks = [regions[start:start + self._MAX_REGIONS] for start in range(0, len(regions), self._MAX_REGIONS)]
-        return np.concatenate([self._magnitude_counts(self.tiles, chunk) for chunk in chunks])
+    def scores(self, regions: np.ndarray, weight: float) -> list[float]:
+        """regions: int (K, 5) rows (tile index, y0, y1, x0, x1), inclusive. entropy**weight * height * width,
+        with Python's float power (the C library's pow, as the released numpy scalars use)."""
+        entropies = _histogram_entropy(self.magnitude_counts(regions)).tolist()
+        return [
+            entropy**weight * (y1 - y0 + 1) * (x1 - x0 + 1)
+            for entropy, (_, y0, y1, x0, x1) in zip(entropies, regions.tolist())
+        ]
 
-    def _magnitude_counts(self, tiles, regions) -> np.ndarray:
+    def magnitude_counts(self, regions: np.ndarray) -> np.ndarray:
+        """regions: int (K, 5) rows (tile index, y0, y1, x0, x1). Returns int64 (K, 256) counts of the upper bins."""
+        regions = regions.tolist()
+        chunks = [regions[start:start + self._MAX_REGIONS] for start in range(0, len(regions), self._MAX_REGIONS)]
+        return np.concatenate([self._magnitude_counts(chunk) for chunk in chunks])
+
+    def _magnitude_counts(self, regions) -> np.ndarray:
         """int64 (K, 256) counts of the magnitude bins [j, j + 1) * _BIN_WIDTH of each region."""
         count, block = len(regions), self._BLOCK
         wide = np.empty((block, count * block), np.float32)
         blocks = wide.reshape(block, count, block)
         for k, (tile, y0, y1, x0, x1) in enumerate(regions):
             left = k * block + 1
-            region = tiles[tile][y0:y1 + 1, x0:x1 + 1]
+            region = self.tiles[tile][y0:y1 + 1, x0:x1 + 1]
             cv2.resize(region, (SCORE_SIDE, SCORE_SIDE), dst=wide[1:-1, left:left + SCORE_SIDE])
         blocks[:, :, 0] = blocks[:, :, 1]
         blocks[:, :, -1] = blocks[:, :, -2]
@@ -235,11 +274,14 @@ class _OpenCVScorer:
         unsure = cv2.findNonZero(cv2.compare(low, high, cv2.CMP_NE))
         if unsure is not None:
             cols, rows = unsure.reshape(-1, 2).T.astype(np.intp)
+            # Unsure pixels on the replicated borders are not counted; when they are the only ones, there is
+            # nothing to correct (and OpenCV's Sobel refuses the empty stack of neighbourhoods).
             inner = (rows >= 1) & (rows <= SCORE_SIDE) & (cols % block >= 1) & (cols % block <= SCORE_SIDE)
             rows, cols = rows[inner], cols[inner]
-            region_of = cols // block
-            np.subtract.at(counts, (region_of, low[rows, cols]), 1)
-            np.add.at(counts, (region_of, self._exact_bins(wide, rows, cols)), 1)
+            if len(rows):
+                region_of = cols // block
+                np.subtract.at(counts, (region_of, low[rows, cols]), 1)
+                np.add.at(counts, (region_of, self._exact_bins(wide, rows, cols)), 1)
         return counts
 
     def _ids(self, count: int) -> np.ndarray:
@@ -272,11 +314,11 @@ class _OpenCVScorer:
 
 
 class _KernelScorer:
-    """Gradient-magnitude histograms of many regions in one call of the compiled kernel (`_partition_kernel.c`).
+    """Region scores, all the per-region work in one call of the compiled kernel (`_partition_kernel.c`).
 
-    The kernel repeats, operation by operation, what OpenCV does for these regions (checked against OpenCV for
-    every region shape from 2x2 to 1100x1100 by tests/test_partition.py). Regions one pixel thin are left to
-    `_OpenCVScorer`: OpenCV resizes them by another route than all the others.
+    The kernel repeats exactly what OpenCV and numpy compute for a region (resize, float64 Sobel, histogram,
+    entropy, power; checked against them by tests/test_partition.py). Regions one pixel thin (possible only with
+    min_size <= 2) are left to `_OpenCVScorer`: OpenCV resizes them by another route than all the others.
     """
 
     def __init__(self, tiles: list[np.ndarray], kernel: _partition_native.Kernel):
@@ -289,51 +331,32 @@ class _KernelScorer:
         self.stride = np.array([tile.strides[0] // 4 for tile in tiles], np.int64)
         self.fallback = _OpenCVScorer(tiles)
 
-    def magnitude_counts(self, regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
-        """regions: (tile index, y0, y1, x0, x1), inclusive. Returns int64 (K, 256) counts of the upper bins."""
-        tile, y0, y1, x0, x1 = np.array(regions, np.int64).reshape(-1, 5).T
-        stride = self.stride[tile]
-        heights, widths = (y1 - y0 + 1).astype(np.int32), (x1 - x0 + 1).astype(np.int32)
-        thin = (heights == 1) | (widths == 1)
-        counts = np.zeros((len(regions), _MAGNITUDE_BINS), np.int64)
-        if thin.any():
-            counts[thin] = self.fallback.magnitude_counts([regions[k] for k in np.flatnonzero(thin)])
-            keep = ~thin
-            tile, y0, x0, stride, heights, widths = (a[keep] for a in (tile, y0, x0, stride, heights, widths))
-        if len(tile):
-            addresses = self.base[tile] + 4 * (y0 * stride + x0)
-            native = np.zeros((len(tile), _MAGNITUDE_BINS), np.int64)
-            status = self.kernel.magnitude_histograms(
-                len(tile), addresses.ctypes.data, stride.ctypes.data, heights.ctypes.data, widths.ctypes.data,
-                native.ctypes.data,
-            )
-            if status != 0:
-                raise RuntimeError("partition kernel: a gradient magnitude is out of range (tiles not in [0, 1]?)")
-            counts[~thin] = native
-        return counts
+    def scores(self, regions: np.ndarray, weight: float) -> list[float]:
+        """regions: int32 (K, 5) rows (tile index, y0, y1, x0, x1), inclusive. entropy**weight * height * width."""
+        regions = np.ascontiguousarray(regions, np.int32)
+        thin = (regions[:, 1] == regions[:, 2]) | (regions[:, 3] == regions[:, 4])
+        if not thin.any():
+            return self.native_scores(regions, weight).tolist()
+        scores = np.empty(len(regions))
+        scores[~thin] = self.native_scores(regions[~thin], weight)
+        scores[thin] = self.fallback.scores(regions[thin], weight)
+        return scores.tolist()
+
+    def native_scores(self, regions: np.ndarray, weight: float, counts: np.ndarray | None = None) -> np.ndarray:
+        """The kernel's scores of int32 (K, 5) regions; `counts`, if given, int64 (K, 256), gets the histograms."""
+        scores = np.empty(len(regions))
+        status = self.kernel.region_scores(
+            len(regions), regions.ctypes.data, self.base.ctypes.data, self.stride.ctypes.data,
+            _ENTROPY_TERMS.ctypes.data, weight, scores.ctypes.data, None if counts is None else counts.ctypes.data,
+        )
+        if status != 0:
+            raise RuntimeError("partition kernel: a value or gradient magnitude is out of range (tiles not in [0, 1]?)")
+        return scores
 
 
-def _make_scorer(tiles: list[np.ndarray]):
+def _make_scorer(tiles: list[np.ndarray], kernel):
     """The compiled-kernel scorer when the kernel is available, else the OpenCV one (same results)."""
-    kernel = _partition_native.load()
     return _OpenCVScorer(tiles) if kernel is None else _KernelScorer(tiles, kernel)
-
-
-def _entropies(scorer, regions: list[tuple[int, int, int, int, int]]) -> np.ndarray:
-    """Float64 gradient-histogram entropies of regions (tile index, y0, y1, x0, x1), one per region."""
-    return _histogram_entropy(scorer.magnitude_counts(regions))
-
-
-def _histogram_entropy(histogram: np.ndarray) -> np.ndarray:
-    """Entropy in bits of each row of int64 (K, 256) counts (the upper half of the released 512-bin
-    histogram; the lower half is always empty), with the released normalisation and epsilons.
-
-    Row-wise numpy reductions use the same pairwise summation as the released one-histogram-at-a-time calls.
-    That summation splits 512 terms into halves of 256, and the empty lower half sums to -0.0, so summing the
-    upper half alone gives the released value bit for bit (tests/test_partition.py checks both).
-    """
-    prob = histogram / (histogram.sum(axis=1, keepdims=True) + 1e-5)
-    return -np.sum(prob * np.log2(prob + 1e-10), axis=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -343,64 +366,56 @@ def _histogram_entropy(histogram: np.ndarray) -> np.ndarray:
 class _TileCandidates:
     """The candidate regions of one tile, in the order of the released, repeatedly stable-sorted list.
 
-    Splittable candidates live in a heap keyed by (-score, creation index): its top is the first splittable
-    entry of the sorted list. Regions too small to split are never picked, so they wait in `leaves`. The newest
-    children are held apart until the next pick, because the released loop ends right after appending them,
-    unsorted, to the end of the list.
-
-    A region's children and their scores do not depend on when they are computed, so they can be computed
-    ahead of the pick (`splits`): the greedy loop advances on its own as long as its next pick is ready.
+    Entries are (-score, creation index, box): a heap of them has at its top the first entry of the sorted list.
+    Splittable candidates whose split (children and their scores) is not computed yet wait in `unscored`; those
+    whose split is known wait in `scored`, with the split appended to the entry; regions too small to split are
+    never picked and wait in `leaves`. A region's children and their scores do not depend on when they are
+    computed, so the splits of the best unscored candidates are computed ahead, many tiles in one kernel call,
+    and the loop then advances on its own as long as its next pick is scored.
     """
 
     def __init__(self, root_score: float, root: tuple[int, int, int, int], min_size: int, steps: int):
         self.min_size = min_size
         self.steps_left = steps
-        self.heap: list[tuple[float, int, tuple[int, int, int, int]]] = []
-        self.leaves: list[tuple[float, int, tuple[int, int, int, int]]] = []
-        self.newest: list[tuple[float, int, tuple[int, int, int, int]]] = [(-root_score, 0, root)]
-        self.created = 1
-        self.splits: dict[tuple[int, int, int, int], list[tuple[float, tuple[int, int, int, int]]]] = {}
+        self.unscored: list = []
+        self.scored: list = []
+        self.leaves: list = []
+        self.created = 0
+        self._add(root_score, root)
 
-    def regions_to_split_next(self, lookahead: int) -> list[tuple[int, int, int, int]]:
-        """The best `lookahead` splittable candidates whose split is not known yet (none if the next pick is).
-
-        All of them are picked eventually unless the token count is reached first, so at most `lookahead`
-        splits are computed in vain; `lookahead` is capped by the splits still to do.
-        """
-        if not self.steps_left:
-            return []  # the newest children must stay unsorted at the end
-        self._settle_newest()
-        if self.heap[0][2] in self.splits:
-            return []
-        best = heapq.nsmallest(min(lookahead, self.steps_left), self.heap)
-        return [box for _, _, box in best if box not in self.splits]
+    def _add(self, score: float, box: tuple[int, int, int, int]) -> None:
+        y0, y1, x0, x1 = box
+        entry = (-score, self.created, box)
+        self.created += 1
+        if y1 - y0 <= self.min_size and x1 - x0 <= self.min_size:
+            self.leaves.append(entry)
+        else:
+            heapq.heappush(self.unscored, entry)
 
     def advance(self) -> None:
-        """Split the best splittable candidate, as long as its split is known and tokens are missing."""
-        while self.steps_left:
-            self._settle_newest()
-            box = self.heap[0][2]
-            if box not in self.splits:
-                return
-            heapq.heappop(self.heap)
-            for score, child in self.splits.pop(box):
-                self.newest.append((-score, self.created, child))
-                self.created += 1
+        """Split the best candidate, as long as its split is known and tokens are missing."""
+        scored, unscored = self.scored, self.unscored
+        while self.steps_left and scored and (not unscored or scored[0] < unscored[0]):
+            for score, child in heapq.heappop(scored)[3]:
+                self._add(score, child)
             self.steps_left -= 1
 
-    def final_boxes(self) -> list[tuple[int, int, int, int]]:
-        """Boxes in the released final list order: the sorted candidates, then the newest ones as appended."""
-        settled = sorted(self.heap + self.leaves)
-        return [box for _, _, box in settled] + [box for _, _, box in self.newest]
+    def to_score(self, lookahead: int) -> list:
+        """Take the best unscored candidates (at most `lookahead`, and no more than the splits still to do): their
+        splits are computed next. All of them are picked eventually unless the token count is reached first."""
+        if not self.steps_left:
+            return []
+        count = min(lookahead, self.steps_left, len(self.unscored))
+        return [heapq.heappop(self.unscored) for _ in range(count)]
 
-    def _settle_newest(self) -> None:
-        for entry in self.newest:
-            y0, y1, x0, x1 = entry[2]
-            if y1 - y0 <= self.min_size and x1 - x0 <= self.min_size:
-                self.leaves.append(entry)
-            else:
-                heapq.heappush(self.heap, entry)
-        self.newest = []
+    def final_boxes(self) -> list[tuple[int, int, int, int]]:
+        """Boxes in the released final list order: the candidates sorted, except the last pick's two children,
+        which the released loop appends, unsorted, after its last sort."""
+        entries = self.leaves + self.unscored + [entry[:3] for entry in self.scored]
+        newest = self.created - 2 if self.created > 1 else self.created
+        settled = sorted(entry for entry in entries if entry[1] < newest)
+        appended = sorted((entry for entry in entries if entry[1] >= newest), key=lambda entry: entry[1])
+        return [box for _, _, box in settled + appended]
 
 
 def _split_options(box: tuple[int, int, int, int], min_size: int) -> list[list[tuple[int, int, int, int]]]:
@@ -426,7 +441,7 @@ def _chosen_split(scored_options: list[list[tuple[float, tuple[int, int, int, in
     if len(scored_options) == 1:
         return scored_options[0]
     x_split, y_split = scored_options
-    return x_split if min(s for s, _ in x_split) < min(s for s, _ in y_split) else y_split
+    return x_split if min(x_split)[0] < min(y_split)[0] else y_split
 
 
 def _partition_tiles(
@@ -435,44 +450,41 @@ def _partition_tiles(
     num_tokens: int,
     min_size: int,
     weight: float,
+    kernel,
     lookahead: int = 16,
 ) -> list[list[tuple[int, int, int, int]]]:
     """Run the greedy loop on many tiles in lockstep; returns each tile's boxes (y0, y1, x0, x1) in token order.
 
     units: float32 tiles of (grey + 1) / 2; biases: matching float32 bias tiles, or None. Each round scores, in
-    one pass, the children of up to `lookahead` upcoming picks of every unfinished tile.
+    one call, the children of up to `lookahead` upcoming picks of every unfinished tile.
     """
-    scorer = _make_scorer(units)
+    scorer = _make_scorer(units, kernel)
 
-    def scores(requests: list[tuple[int, tuple[int, int, int, int]]]) -> list[float]:
-        entropies = _entropies(scorer, [(tile, *box) for tile, box in requests])
-        result = []
-        for (tile, (y0, y1, x0, x1)), entropy in zip(requests, entropies.tolist()):
-            score = entropy**weight * (y1 - y0 + 1) * (x1 - x0 + 1)
-            if biases is not None:
-                score += float(np.sum(biases[tile][y0:y1 + 1, x0:x1 + 1]))
-            result.append(score)
+    def scores(requests: list[tuple[int, int, int, int, int]]) -> list[float]:
+        result = scorer.scores(np.array(requests, np.int32), weight)
+        if biases is not None:
+            for k, (tile, y0, y1, x0, x1) in enumerate(requests):
+                result[k] += float(np.sum(biases[tile][y0:y1 + 1, x0:x1 + 1]))
         return result
 
-    roots = [(tile, (0, unit.shape[0] - 1, 0, unit.shape[1] - 1)) for tile, unit in enumerate(units)]
-    states = [
-        _TileCandidates(score, box, min_size, num_tokens - 1) for (_, box), score in zip(roots, scores(roots))
-    ]
+    roots = [(0, unit.shape[0] - 1, 0, unit.shape[1] - 1) for unit in units]
+    root_scores = scores([(tile, *box) for tile, box in enumerate(roots)])
+    states = [_TileCandidates(score, box, min_size, num_tokens - 1) for box, score in zip(roots, root_scores)]
     while True:
-        pending = [
-            (tile, box, _split_options(box, min_size))
-            for tile, state in enumerate(states)
-            for box in state.regions_to_split_next(lookahead)
-        ]
+        pending = []  # (tile, entry, split options)
+        requests = []  # (tile, *child box), in the order of pending's options
+        for tile, state in enumerate(states):
+            state.advance()
+            for entry in state.to_score(lookahead):
+                options = _split_options(entry[2], min_size)
+                pending.append((tile, entry, options))
+                requests.extend((tile, *child) for option in options for child in option)
         if not pending:
             break
-        requests = [(tile, child) for tile, _, options in pending for option in options for child in option]
         flat_scores = iter(scores(requests))
-        for tile, box, options in pending:
-            scored = [[(next(flat_scores), child) for child in option] for option in options]
-            states[tile].splits[box] = _chosen_split(scored)
-        for state in states:
-            state.advance()
+        for tile, entry, options in pending:
+            split = _chosen_split([[(next(flat_scores), child) for child in option] for option in options])
+            heapq.heappush(states[tile].scored, (*entry, split))
     return [state.final_boxes() for state in states]
 
 
@@ -557,10 +569,12 @@ def entropy_partition_batch(
     if bias is not None:
         _check_bias(bias, (batch, height, width))
 
+    kernel = _partition_native.load()
+    all_units = _unit_images(images, kernel)
     units = []
     bias_tiles = None if bias is None else []
     for index in range(batch):
-        unit = (grey_image(images[index]) + 1.0) / 2.0
+        unit = all_units[index]
         for top in range(0, height, tile_size):
             for left in range(0, width, tile_size):
                 units.append(unit[top:top + tile_size, left:left + tile_size])
@@ -570,7 +584,7 @@ def entropy_partition_batch(
                     tile_bias = bias[index, top:top + tile_size, left:left + tile_size]
                     bias_tiles.append(np.ascontiguousarray(tile_bias))
 
-    tile_boxes = _partition_tiles(units, bias_tiles, num_tokens, min_size, float(weight))
+    tile_boxes = _partition_tiles(units, bias_tiles, num_tokens, min_size, float(weight), kernel)
     geometry, boxes = zip(*(_boxes_to_tokens(b, tile_size, tile_size) for b in tile_boxes))
     tiles = len(units) // batch
     geometry = np.stack(geometry).reshape(batch, tiles * num_tokens, 5)
