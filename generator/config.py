@@ -12,14 +12,11 @@ One backbone serves both stages; the config decides which one it is:
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
+from tokenizer.yaml_config import NamedYamlConfig
 
 # depth, width, heads of the SiT/DiT model sizes (patch size 1 over tokens).
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -101,32 +98,12 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(NamedYamlConfig):
     """A generator file: the network sizes and the default sampler."""
 
     name: str = "sit"
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "GeneratorConfig":
-        return _build(cls, data, where)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "GeneratorConfig":
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a generator config must be a YAML mapping, got {type(data).__name__}")
-        data.setdefault("name", Path(path).stem)
-        return _build(cls, data, str(path))
-
-    def to_yaml(self, path: str | Path) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(self.to_dict(), handle, sort_keys=False)
 
 
 def load_generator_config(name_or_path: str | Path) -> GeneratorConfig:
@@ -134,30 +111,3 @@ def load_generator_config(name_or_path: str | Path) -> GeneratorConfig:
     from configs import config_path
 
     return GeneratorConfig.from_yaml(config_path(str(name_or_path)))
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(known)}")
-    return cls(**{key: _coerce(hints[key], value, f"{where}.{key}") for key, value in data.items()})
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        (hint,) = [option for option in options if option is not type(None)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -10,13 +10,10 @@ and the texture width; everything else is shared (SPEC.md section 6).
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+from .yaml_config import NamedYamlConfig
 
 GEOMETRY_DIM = 5  # sigma_x, sigma_y, rho, mu_x, mu_y
 
@@ -44,7 +41,7 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
-class GPSTokenConfig:
+class GPSTokenConfig(NamedYamlConfig):
     """A whole tokenizer: token format, partition defaults, encoder and decoder."""
 
     name: str = "gpstoken"
@@ -85,70 +82,9 @@ class GPSTokenConfig:
         """Pixel side of one tile: the render size times the decoder's total upsampling."""
         return self.render_size * 2 ** (len(self.decoder.channel_mult) - 1)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GPSTokenConfig":
-        return _build(cls, data, "config")
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "GPSTokenConfig":
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a GPSToken config must be a YAML mapping, got {type(data).__name__}")
-        data.setdefault("name", Path(path).stem)
-        return _build(cls, data, str(path))
-
-    def to_yaml(self, path: str | Path) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(self.to_dict(), handle, sort_keys=False)
-
 
 def load_config(name_or_path: str | Path) -> GPSTokenConfig:
     """A shipped config by name (`gpstoken_m128`) or any YAML file path."""
     from configs import config_path
 
     return GPSTokenConfig.from_yaml(config_path(str(name_or_path)))
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(known)}")
-    return cls(**{key: _coerce(hints[key], value, f"{where}.{key}") for key, value in data.items()})
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        items = args[:1] * len(value) if args[-1] is Ellipsis else args
-        if not value or len(items) != len(value):
-            raise ValueError(f"{where}: expected {'a non-empty list' if args[-1] is Ellipsis else len(args)} "
-                             f"values, got {value!r}")
-        return tuple(_coerce(item, v, where) for item, v in zip(items, value))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str) and type(value) is hint:
-        return value
-    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists, recursively, so YAML stays free of Python tags."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

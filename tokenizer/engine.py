@@ -1,7 +1,7 @@
 """Training machinery shared by every trainer of the suite (tokenizer and generator).
 
 What lives here, and nothing else:
-- typed configs from YAML with `key.sub=value` command-line overrides (`load_run_config`);
+- typed configs from YAML with `key.sub=value` overrides (`load_run_config`, from `tokenizer.yaml_config`);
 - `TrainingEngine`: accelerate set-up (processes, devices, bf16 autocast, gradient accumulation, optional
   `torch.compile`), seeding, EMA of the weights (diffusers' `EMAModel`), a NaN guard, atomic checkpoints
   through `accelerator.save_state` with keep-last-K and `--resume auto`, JSONL + TensorBoard logs, a tqdm
@@ -30,18 +30,15 @@ that `--resume auto` would pick up.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
 import time
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -52,127 +49,14 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+# Trainers take their config loading from here too, so one import serves a training script.
+from .yaml_config import apply_overrides, build_config, config_to_dict, load_run_config  # noqa: F401
+
 logger = logging.getLogger("gpstoken.train")
 
 CHECKPOINT_PREFIX = "step_"
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Typed configs from YAML + overrides
-# --------------------------------------------------------------------------------------------------------------
-
-# YAML 1.1 reads these words as booleans; on a command line they are meant as words (`mixed_precision=no`).
-_WORDS_NOT_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}
-
-
-def _parse_override_value(text: str) -> Any:
-    if text.strip().lower() in _WORDS_NOT_BOOLEANS:
-        return text.strip()
-    return yaml.safe_load(text)
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of `data` with each `key.sub=value` applied; values are parsed as YAML (`1e-4`, `[1, 2]`,
-    `true`, `null`), except yes/no/on/off, which stay words. A key must already exist in `data`, so a typo is an error instead of a silent new entry."""
-    result = json.loads(json.dumps(data))  # deep copy of plain YAML data
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override '{item}' is not of the form key.sub=value")
-        dotted, text = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        node = result
-        for depth, key in enumerate(keys):
-            if not isinstance(node, dict) or key not in node:
-                where = ".".join(keys[:depth]) or "the top level"
-                known = sorted(node) if isinstance(node, dict) else []
-                raise ValueError(f"override '{item}': no key '{key}' under {where} (known: {known})")
-            if depth == len(keys) - 1:
-                node[key] = _parse_override_value(text)
-            else:
-                node = node[key]
-    return result
-
-
-def build_config(cls: type, data: Any, where: str = "config") -> Any:
-    """Instantiate the dataclass `cls` from a mapping, recursively. Unknown keys and ill-typed values are
-    errors naming the key; missing keys take the dataclass defaults."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known keys: {known}")
-    return cls(**{key: _coerce(hints[key], value, f"{where}.{key}") for key, value in data.items()})
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return build_config(hint, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(option, value, where)
-            except ValueError as error:
-                errors.append(str(error))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {args}")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
-            return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-        item = args[0] if args else Any
-        return origin(_coerce(item, v, where) for v in value)
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
-    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A dataclass config as plain YAML-safe data (tuples become lists)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-    return plain(dataclasses.asdict(config))
-
-
-def load_run_config(cls: type, path: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
-    """Read a YAML run config, apply `key.sub=value` overrides, build `cls`. Returns (config, resolved data)
-    where the resolved data is what the run really used (the engine saves it next to the checkpoints)."""
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a run config must be a YAML mapping")
-    config = build_config(cls, apply_overrides(data, overrides), str(path))
-    return config, config_to_dict(config)
 
 
 # --------------------------------------------------------------------------------------------------------------
