@@ -26,7 +26,6 @@
 #endif
 
 #define SIDE 64
-#define PIXELS (SIDE * SIDE)
 #define MAGNITUDE_BINS 256
 /* Width of one of the 512 histogram bins, 11/512: a dyadic fraction, so j * BIN_WIDTH is exact, and so are
  * numpy's bin edges, which makes numpy's binning the exact rule j * BIN_WIDTH <= m < (j + 1) * BIN_WIDTH for the
@@ -83,12 +82,13 @@ CPU_VARIANTS static void resize_row(const float *row, const int *first, const in
     }
 }
 
-/* cv2.resize(region, (64, 64)) of a height x width float32 region whose rows are `stride` floats apart. */
-CPU_VARIANTS void gps_resize64(const float *src, int64_t stride, int height, int width, float *out)
+/* cv2.resize(region, (64, 64)) of a height x width float32 region whose rows are `stride` floats apart, into
+ * 64 rows `out_stride` floats apart. */
+CPU_VARIANTS static void resize64(const float *src, int64_t stride, int height, int width, float *out, int out_stride)
 {
     if (height == SIDE && width == SIDE) { /* OpenCV copies an image that already has the target size */
         for (int y = 0; y < SIDE; y++)
-            memcpy(out + y * SIDE, src + y * stride, SIDE * sizeof(float));
+            memcpy(out + y * out_stride, src + y * stride, SIDE * sizeof(float));
         return;
     }
     int first_x[SIDE], second_x[SIDE], first_y[SIDE], second_y[SIDE];
@@ -113,10 +113,16 @@ CPU_VARIANTS void gps_resize64(const float *src, int64_t stride, int height, int
             lower_row = y1;
         }
         const float b = fraction_y[d];
-        float *dst = out + d * SIDE;
+        float *dst = out + d * out_stride;
         for (int x = 0; x < SIDE; x++)
             dst[x] = fmaf(lower[x] - upper[x], b, upper[x]);
     }
+}
+
+/* For tests: resize64 into a 64x64 image. */
+CPU_VARIANTS void gps_resize64(const float *src, int64_t stride, int height, int width, float *out)
+{
+    resize64(src, stride, height, width, out, SIDE);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -154,86 +160,115 @@ static int exact_bin(double squared)
     return j;
 }
 
-/* The bin of pixel (y, x) of a 64x64 image from the float64 Sobel, in cv2.Sobel(CV_64F)'s order of operations:
- * row passes difference = S[x+1] - S[x-1] and smooth = (S[x-1] + 2 S[x]) + S[x+1] (borders replicated), then
- * column passes gx = (d[y-1] + 2 d[y]) + d[y+1] and gy = s[y+1] - s[y-1]. */
-static int exact_pixel_bin(const float *image, int y, int x)
+/* The resized region is held with a replicated border column on either side (PADDED floats a row), so that the
+ * row passes read whole rows without tests (and from memory written long before: no store-forwarding stalls). */
+#define PADDED (SIDE + 2)
+
+/* The bin of pixel (y, x) of the padded 64x64 image from the float64 Sobel, in cv2.Sobel(CV_64F)'s order of
+ * operations: row passes difference = S[x+1] - S[x-1] and smooth = (S[x-1] + 2 S[x]) + S[x+1], then column
+ * passes gx = (d[y-1] + 2 d[y]) + d[y+1] and gy = s[y+1] - s[y-1], borders replicated. */
+static int exact_pixel_bin(const float *padded, int y, int x)
 {
     const int rows[3] = {y > 0 ? y - 1 : 0, y, y + 1 < SIDE ? y + 1 : y};
-    const int left = x > 0 ? x - 1 : 0, right = x + 1 < SIDE ? x + 1 : x;
     double difference[3], smooth[3];
     for (int r = 0; r < 3; r++) {
-        const float *row = image + rows[r] * SIDE;
-        difference[r] = (double)row[right] - (double)row[left];
-        smooth[r] = ((double)row[left] + 2.0 * (double)row[x]) + (double)row[right];
+        const float *p = padded + rows[r] * PADDED + x; /* p[1] is pixel x, p[0] and p[2] its neighbours */
+        difference[r] = (double)p[2] - (double)p[0];
+        smooth[r] = ((double)p[0] + 2.0 * (double)p[1]) + (double)p[2];
     }
     double gx = (difference[0] + 2.0 * difference[1]) + difference[2];
     double gy = smooth[2] - smooth[0];
     return exact_bin(gx * gx + gy * gy);
 }
 
-/* float32 row passes of one image row (see exact_pixel_bin for the order), and whether a value is out of range. */
-CPU_VARIANTS static int row_passes(const float *row, float *difference, float *smooth)
+/* float32 row passes of one padded image row (see exact_pixel_bin for the order). */
+CPU_VARIANTS static void row_passes(const float *restrict p, float *restrict difference, float *restrict smooth)
 {
-    float padded[SIDE + 2];
+    for (int x = 0; x < SIDE; x++) {
+        difference[x] = p[x + 2] - p[x];
+        smooth[x] = (p[x] + 2.0f * p[x + 1]) + p[x + 2];
+    }
+}
+
+/* Whether a value of the padded image is out of [-VALUE_LIMIT, VALUE_LIMIT] (NaN fails the magnitude test). */
+CPU_VARIANTS static int out_of_range(const float *padded)
+{
     int bad = 0;
-    padded[0] = row[0];
-    for (int x = 0; x < SIDE; x++) {
-        padded[x + 1] = row[x];
-        /* Bitwise, not &&/||: a branch-free test the compiler vectorises. NaN fails the magnitude test. */
-        bad |= (row[x] < -VALUE_LIMIT) | (row[x] > VALUE_LIMIT);
-    }
-    padded[SIDE + 1] = row[SIDE - 1];
-    for (int x = 0; x < SIDE; x++) {
-        difference[x] = padded[x + 2] - padded[x];
-        smooth[x] = (padded[x] + 2.0f * padded[x + 1]) + padded[x + 2];
-    }
+    for (int i = 0; i < SIDE * PADDED; i++) /* bitwise, not ||: a branch-free test the compiler vectorises */
+        bad |= (padded[i] < -VALUE_LIMIT) | (padded[i] > VALUE_LIMIT);
     return bad;
 }
 
-/* Counts of the 4096 gradient magnitudes of a 64x64 image in the 256 bins [j, j + 1) * BIN_WIDTH. Returns -1 if
- * a value or magnitude is out of range (see above). */
-CPU_VARIANTS static int magnitude_histogram(const float *image, uint32_t *counts)
+/* Row y's bins, the float32 v from which they come, and whether one of them is unsure or out of range. */
+struct row_bins {
+    int bin[SIDE];
+    float v[SIDE];
+    int unsure;
+};
+
+/* Whether the bin j = (int)v is not certain (see above), or v is out of range (or NaN). */
+static inline __attribute__((always_inline)) int unsure_bin(float v, int j)
 {
+    float fraction = v - (float)j;
+    return (fraction < MARGIN && j > 0) | (fraction > 1.0f - MARGIN) | !(v < V_LIMIT);
+}
+
+/* Makes row y's bins exact (see above) and counts them into four interleaved sub-histograms, so that runs of equal
+ * bins do not serialise on one counter. Returns -1 if a magnitude is out of range. */
+static int count_row(const float *padded, int y, struct row_bins *row, uint32_t (*partial)[MAGNITUDE_BINS])
+{
+    if (row->unsure)
+        for (int x = 0; x < SIDE; x++)
+            if (unsure_bin(row->v[x], row->bin[x])) {
+                if (!(row->v[x] < V_LIMIT))
+                    return -1;
+                row->bin[x] = exact_pixel_bin(padded, y, x);
+            }
+    for (int x = 0; x < SIDE; x += 4) {
+        partial[0][row->bin[x]]++;
+        partial[1][row->bin[x + 1]]++;
+        partial[2][row->bin[x + 2]]++;
+        partial[3][row->bin[x + 3]]++;
+    }
+    return 0;
+}
+
+/* Counts of the 4096 gradient magnitudes of a padded 64x64 image in the 256 bins [j, j + 1) * BIN_WIDTH. Returns
+ * -1 if a value or magnitude is out of range (see above). */
+CPU_VARIANTS static int magnitude_histogram(const float *padded, uint32_t *counts)
+{
+    if (out_of_range(padded))
+        return -1;
     /* Row passes of image rows y - 1, y, y + 1 (replicated at the top and bottom), in a ring of three. */
     float difference[3][SIDE], smooth[3][SIDE];
-    int bad = row_passes(image, difference[0], smooth[0]);
-    bad |= row_passes(image + SIDE, difference[1], smooth[1]);
-    /* Four interleaved sub-histograms, so that runs of equal bins do not serialise on one counter. */
+    row_passes(padded, difference[0], smooth[0]);
+    row_passes(padded + PADDED, difference[1], smooth[1]);
     uint32_t partial[4][MAGNITUDE_BINS];
     memset(partial, 0, sizeof partial);
+    /* Row y's bins are made by vector code and counted by scalar code; counting them one row later lets the
+     * vector stores reach the cache first (reading them back at once would stall on store forwarding). */
+    struct row_bins rows[2];
     for (int y = 0; y < SIDE; y++) {
         int above = y > 0 ? (y - 1) % 3 : 0, here = y % 3, below = y + 1 < SIDE ? (y + 1) % 3 : here;
         if (y > 0 && y + 1 < SIDE)
-            bad |= row_passes(image + (y + 1) * SIDE, difference[below], smooth[below]);
-        int bin[SIDE], unsure = 0;
+            row_passes(padded + (y + 1) * PADDED, difference[below], smooth[below]);
+        struct row_bins *row = &rows[y % 2];
+        int unsure = 0;
         for (int x = 0; x < SIDE; x++) {
             float gx = (difference[above][x] + 2.0f * difference[here][x]) + difference[below][x];
             float gy = smooth[below][x] - smooth[above][x];
             float v = sqrtf(gx * gx + gy * gy) * (float)(1.0 / BIN_WIDTH);
-            bad |= !(v < V_LIMIT);
             int j = (int)v;
-            float fraction = v - (float)j;
-            unsure |= (fraction < MARGIN && j > 0) | (fraction > 1.0f - MARGIN);
-            bin[x] = j;
+            unsure |= unsure_bin(v, j);
+            row->bin[x] = j;
+            row->v[x] = v;
         }
-        if (bad)
+        row->unsure = unsure;
+        if (y > 0 && count_row(padded, y - 1, &rows[(y - 1) % 2], partial))
             return -1;
-        if (unsure)
-            for (int x = 0; x < SIDE; x++) {
-                float gx = (difference[above][x] + 2.0f * difference[here][x]) + difference[below][x];
-                float gy = smooth[below][x] - smooth[above][x];
-                float fraction = sqrtf(gx * gx + gy * gy) * (float)(1.0 / BIN_WIDTH) - (float)bin[x];
-                if ((fraction < MARGIN && bin[x] > 0) || fraction > 1.0f - MARGIN)
-                    bin[x] = exact_pixel_bin(image, y, x);
-            }
-        for (int x = 0; x < SIDE; x += 4) {
-            partial[0][bin[x]]++;
-            partial[1][bin[x + 1]]++;
-            partial[2][bin[x + 2]]++;
-            partial[3][bin[x + 3]]++;
-        }
     }
+    if (count_row(padded, SIDE - 1, &rows[(SIDE - 1) % 2], partial))
+        return -1;
     for (int j = 0; j < MAGNITUDE_BINS; j++)
         counts[j] = partial[0][j] + partial[1][j] + partial[2][j] + partial[3][j];
     return 0;
@@ -284,15 +319,19 @@ CPU_VARIANTS int gps_region_scores(int count, const int32_t *regions, const int6
                                    const int64_t *tile_strides, const double *term, double weight, double *scores,
                                    int64_t *counts)
 {
-    float image[PIXELS];
+    float padded[SIDE * PADDED];
     uint32_t histogram[MAGNITUDE_BINS];
     for (int k = 0; k < count; k++) {
         const int32_t *r = regions + 5 * k;
         const int64_t stride = tile_strides[r[0]];
         const float *tile = (const float *)(intptr_t)tile_addresses[r[0]];
         const int height = r[2] - r[1] + 1, width = r[4] - r[3] + 1;
-        gps_resize64(tile + r[1] * stride + r[3], stride, height, width, image);
-        if (magnitude_histogram(image, histogram))
+        resize64(tile + r[1] * stride + r[3], stride, height, width, padded + 1, PADDED);
+        for (int y = 0; y < SIDE; y++) {
+            padded[y * PADDED] = padded[y * PADDED + 1];
+            padded[y * PADDED + SIDE + 1] = padded[y * PADDED + SIDE];
+        }
+        if (magnitude_histogram(padded, histogram))
             return -1;
         scores[k] = pow(entropy(histogram, term), weight) * (double)height * (double)width;
         if (counts)
