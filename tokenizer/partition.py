@@ -451,7 +451,7 @@ def _partition_tiles(
     min_size: int,
     weight: float,
     kernel,
-    lookahead: int = 16,
+    lookahead: int = 8,
 ) -> list[list[tuple[int, int, int, int]]]:
     """Run the greedy loop on many tiles in lockstep; returns each tile's boxes (y0, y1, x0, x1) in token order.
 
