@@ -171,7 +171,9 @@ def main() -> None:
           "| vs restated loop (single / batch) | vs released figure (single / batch) |")
     print("|---|---|---|---|---|---|---|")
     for num_tokens in args.tokens:
-        base_cpu, _ = timed(lambda: [baseline_partition(p, num_tokens) for p in photos[:args.baseline_images]])
+        base_cpu, _ = timed(
+            lambda: [baseline_partition(p, num_tokens) for p in photos[:args.baseline_images]], args.repeats
+        )
         base_ms = 1e3 * base_cpu / args.baseline_images
         released = RELEASED_MS_PER_IMAGE.get(num_tokens)
         for path in paths:
