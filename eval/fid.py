@@ -1,6 +1,6 @@
 """Command line: ADM-protocol metrics of generated samples, or rFID/PSNR/SSIM/LPIPS of reconstructions.
 
-    python eval/fid.py GENERATED REFERENCE [--out results/run] [--kid]
+    python eval/fid.py GENERATED REFERENCE [--out results/run] [--kid] [--layouts GEN_LAYOUTS REAL_LAYOUTS]
     python eval/fid.py --rfid RECONSTRUCTIONS ORIGINALS [--lpips-vgg vgg16.pth]
 
 GENERATED: a folder, a glob or an ``.npz`` (``arr_0`` NHWC); REFERENCE: a folder, a glob, an images ``.npz`` or
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inception-weights", help="TF-Inception weights file (see eval/README.md)")
     parser.add_argument("--lpips-vgg", help="torchvision VGG16 state dict, enables LPIPS in --rfid mode")
     parser.add_argument("--kid", action="store_true", help="also compute KID (needs reference images)")
+    parser.add_argument("--layouts", nargs=2, metavar=("GEN_LAYOUTS", "REAL_LAYOUTS"),
+                        help="also the layout Frechet distance (pooled, class mean) and exact fraction: the "
+                             "layouts.npz of generator/sample.py and real layouts (npz: geometry, labels)")
     parser.add_argument("--sample-range", choices=sorted(VALUE_RANGES),
                         help="value range of float .npz samples (default: inferred, see README)")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
@@ -50,7 +53,18 @@ def _cuda_available() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.layouts and args.rfid:
+        parser.error("--layouts belongs to sample evaluation, not --rfid")
+    if args.layouts:  # first: seconds, where a bad file should not wait for the Inception pass
+        from eval.layout import layout_metrics
+
+        try:
+            layouts = layout_metrics(*args.layouts)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: --layouts: {error}", file=sys.stderr)
+            return 2
     common = dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                   cache_dir=args.cache_dir or None, value_range=args.sample_range, progress=not args.quiet,
                   distributed=args.distributed)
@@ -64,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.layouts:
+        result["metrics"].update(layouts["metrics"])
+        result["unavailable"].update(layouts["unavailable"])
+        result["layouts"] = {"generated": args.layouts[0], "real": args.layouts[1], **layouts["report"]}
     json_path, markdown_path = write_reports(result, args.out, args.append_to)
     print(markdown_path.read_text())
     print(json.dumps(result["metrics"]))

@@ -20,7 +20,7 @@ them that needed no correction beyond snapping (the snapped centres are exactly 
 regions; see generator.calibration).
 
 CLI: ``python -m eval.layout GEN.npz REAL.npz`` with arrays ``geometry`` (B, N, >=5) and ``labels`` (B,) in each file;
-prints the report as JSON.
+prints the report as JSON. ``eval/fid.py --layouts GEN REAL`` adds ``layout_metrics`` to a sample report.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import numpy as np
 from eval.metrics import feature_statistics, frechet_distance
 from generator.calibration import calibrate_layouts
 
-__all__ = ["layout_features", "layout_report", "main"]
+__all__ = ["layout_features", "layout_report", "layout_metrics", "main"]
 
 ASPECT_BINS = 3
 
@@ -126,13 +126,39 @@ def layout_report(generated_geometry, real_geometry, labels_gen, labels_real, *,
     return report
 
 
-def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a layouts file; `geometry` and `labels` are required, `raw`, `tile_size`, `min_size` optional."""
     with np.load(path) as data:
         missing = {"geometry", "labels"} - set(data.files)
         if missing:
-            raise SystemExit(f"{path}: missing array(s) {sorted(missing)}; expected 'geometry' (B, N, >=5) and "
+            raise ValueError(f"{path}: missing array(s) {sorted(missing)}; expected 'geometry' (B, N, >=5) and "
                              f"'labels' (B,), found {data.files}")
-        return data["geometry"], data["labels"]
+        return {name: data[name] for name in data.files}
+
+
+def layout_metrics(generated: str | Path, real: str | Path) -> dict:
+    """The layout numbers of a sample run, for eval/fid.py's report (``--layouts GEN REAL``).
+
+    ``generated``: the ``layouts.npz`` generator/sample.py writes next to its samples (``geometry``, ``labels``,
+    ``tile_size``, ``min_size``, and ``raw`` when a layout model made them); ``real``: real layouts of held-out
+    images (``geometry``, ``labels``). Raw layouts are calibrated here, the same calibration the sampler applied
+    (so the compared geometry is the one the texture model got), because only they tell how many layouts needed
+    no correction beyond snapping. Returns ``{"metrics": {layout_fd, layout_fd_class_mean[,
+    layout_exact_fraction]}, "unavailable": {...}, "report": layout_report's dict}``.
+    """
+    gen, ref = _load(Path(generated)), _load(Path(real))
+    has_raw = "raw" in gen
+    grid = {"tile_size": int(gen["tile_size"]), "min_size": int(gen["min_size"])} if has_raw else {}
+    report = layout_report(gen["raw"] if has_raw else gen["geometry"], ref["geometry"], gen["labels"],
+                           ref["labels"], calibrate=has_raw, **grid)
+    metrics = {"layout_fd": report["frechet_distance"], "layout_fd_class_mean": report["frechet_distance_class_mean"]}
+    unavailable = {}
+    if has_raw:
+        metrics["layout_exact_fraction"] = report["exact_fraction"]
+    else:
+        unavailable["layout_exact_fraction"] = (f"{generated} holds no raw layout-model output (layouts from shards "
+                                                "or initg are valid tilings already)")
+    return {"metrics": metrics, "unavailable": unavailable, "report": report}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,7 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size-bins", type=int, default=8)
     parser.add_argument("--out", type=Path, help="also write the report to this JSON file")
     args = parser.parse_args(argv)
-    (gen, labels_gen), (real, labels_real) = _load(args.generated), _load(args.real)
+    try:
+        gen, real = _load(args.generated), _load(args.real)
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    (gen, labels_gen), (real, labels_real) = (gen["geometry"], gen["labels"]), (real["geometry"], real["labels"])
     report = layout_report(gen, real, labels_gen, labels_real, calibrate=args.calibrate, tile_size=args.tile_size,
                            min_size=args.min_size, grid=args.grid, size_bins=args.size_bins)
     text = json.dumps(report, indent=2)

@@ -9,7 +9,8 @@ SiT-XL-gs file (released M128 statistics). Layouts (--layout): `initg` (the rele
 (real layouts per class from extracted token shards), `model` (a layout-model run directory, then calibration:
 the two-stage method), or `none` (one-stage models). The default sampler is the released one: SDE, 250 steps,
 guidance 1.5 for t >= 0.2. Output: chunks (resumable), `samples.npz` (ADM layout: `arr_0` uint8 NHWC, `arr_1`
-labels), optional PNGs, optional FID against a reference (eval.evaluate). See generator/sampling.py.
+labels), with a layout source `layouts.npz` (the layouts used, for `eval/fid.py --layouts`), optional PNGs,
+optional FID against a reference (eval.evaluate). See generator/sampling.py.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from generator.config import SAMPLING_METHODS, SamplerConfig  # noqa: E402
 from generator.flow import M128_TOKEN_STATS  # noqa: E402
 from generator.layouts import InitgLayouts  # noqa: E402
-from generator.sampling import (ModelLayouts, SamplingRun, ShardLayouts, TokenGenerator,  # noqa: E402
-                                class_balanced_labels, random_labels, run_sampling)
+from generator.sampling import (LAYOUTS_FILE, ModelLayouts, SamplingRun, ShardLayouts,  # noqa: E402
+                                TokenGenerator, class_balanced_labels, random_labels, run_sampling, save_layouts)
 from generator.shards import TokenShards  # noqa: E402
 from generator.spaces import LayoutSpace, TextureSpace  # noqa: E402
 
@@ -144,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if samples is None:
         return 0
     print(f"samples: {samples}")
+    if layouts is not None:
+        path = save_layouts(layouts, labels, Path(args.output) / LAYOUTS_FILE, batch_size=args.batch_size,
+                            tile_size=tokenizer.config.tile_size, min_size=tokenizer.config.partition_min_size)
+        print(f"layouts: {path}")
     if args.fid_reference:
         from eval.evaluate import evaluate_samples
 

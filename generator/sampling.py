@@ -13,6 +13,7 @@ indices), each written atomically and skipped when it exists, so a killed run re
 processes of an `accelerate launch` take the pending chunks round-robin. At the end the chunks are merged into
 one ADM-style `samples.npz` (`arr_0` uint8 NHWC, `arr_1` the labels, `labels` the same), and PNGs are written to
 `images/` if asked. `run.json` records the settings; resuming with different settings is an error.
+`save_layouts` writes the layouts every sample was given (`layouts.npz`), for eval's layout metrics.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from tokenizer.images import to_uint8
 from tokenizer.model import GPSToken
 
-from .calibration import calibrate_layouts
+from .calibration import CalibratedLayouts, calibrate_layouts
 from .config import SamplerConfig
 from .layouts import LayoutSource
 from .models import FlowTransformer
@@ -42,9 +43,10 @@ from .spaces import JointSpace, LayoutSpace, TextureSpace
 logger = logging.getLogger("gpstoken.sample")
 
 __all__ = ["LAYOUT_SEED_OFFSET", "class_balanced_labels", "random_labels", "ShardLayouts", "ModelLayouts",
-           "TokenGenerator", "SamplingRun", "run_sampling", "merge_chunks"]
+           "TokenGenerator", "SamplingRun", "run_sampling", "merge_chunks", "LAYOUTS_FILE", "save_layouts"]
 
 LAYOUT_SEED_OFFSET = 0x5EED_1A70  # the layout model's noise stream: sample_seeds(seed + offset, indices)
+LAYOUTS_FILE = "layouts.npz"      # next to samples.npz: the layouts the texture model was given (save_layouts)
 
 
 def class_balanced_labels(per_class: int, num_classes: int) -> np.ndarray:
@@ -99,15 +101,20 @@ class ModelLayouts:
         self.exact = 0      # calibrated layouts that needed no correction beyond snapping (a quality signal)
         self.count = 0
 
-    def layouts(self, labels: Sequence[int], sample_ids: Sequence[int]) -> torch.Tensor:
+    def sample(self, labels: Sequence[int], sample_ids: Sequence[int]) -> tuple[np.ndarray, CalibratedLayouts]:
+        """(raw layouts (B, N, 5) in tile coordinates as the model made them, their calibration). The raw ones are
+        what eval.layout's exact fraction is measured on (`save_layouts` keeps them)."""
         device = next(self.model.parameters()).device
         noise = RowNoise.from_seeds(sample_seeds(self.seed + LAYOUT_SEED_OFFSET, sample_ids), device)
         labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
-        raw = self.space.to_layout(generate(self.model, labels, noise, None, self.sampler).samples)
-        calibrated = calibrate_layouts(raw.float(), tile_size=self.tile_size, min_size=self.min_size)
+        raw = self.space.to_layout(generate(self.model, labels, noise, None, self.sampler).samples).float()
+        calibrated = calibrate_layouts(raw, tile_size=self.tile_size, min_size=self.min_size)
         self.exact += int(calibrated.exact.sum())
         self.count += len(calibrated.exact)
-        return torch.from_numpy(calibrated.geometry)
+        return raw.cpu().numpy(), calibrated
+
+    def layouts(self, labels: Sequence[int], sample_ids: Sequence[int]) -> torch.Tensor:
+        return torch.from_numpy(self.sample(labels, sample_ids)[1].geometry)
 
 
 class TokenGenerator:
@@ -259,3 +266,34 @@ def merge_chunks(run: SamplingRun) -> Path:
     _save_npz_atomically(final, arr_0=np.concatenate(images), arr_1=all_labels, labels=all_labels)
     logger.info("wrote %s (%d samples)", final, run.num_samples)
     return final
+
+
+def save_layouts(source: LayoutSource, labels: np.ndarray, path: str | Path, *, batch_size: int, tile_size: int,
+                 min_size: int) -> Path:
+    """Write the layouts of samples `0 .. len(labels) - 1` to `path` (npz, the input of `eval/fid.py --layouts`):
+    `geometry` (B, N, 5) as the texture model got them, `labels`, `tile_size`, `min_size`, and for a layout model
+    also `raw` (its output before calibration, from which eval measures the exact fraction).
+
+    Why the layouts are drawn again rather than recorded while sampling: a source gives sample i the same layout
+    whatever batch, process or resumed run asks (see the module docstring), so one pass over all indices after the
+    run reproduces what every chunk used, including chunks written by other processes or by an earlier run; the
+    price is one more layout pass, small next to texture sampling (benchmarks/two_stage.py). Batched matmuls may
+    differ in the last bits from the sampling run's batches, which can only move a centre that sits on a snapping
+    boundary."""
+    geometry, raw = [], []
+    for start in range(0, len(labels), batch_size):
+        ids = list(range(start, min(start + batch_size, len(labels))))
+        batch_labels = labels[ids].tolist()
+        if isinstance(source, ModelLayouts):
+            batch_raw, calibrated = source.sample(batch_labels, ids)
+            raw.append(batch_raw)
+            geometry.append(calibrated.geometry)
+        else:
+            geometry.append(source.layouts(batch_labels, ids).numpy())
+    arrays = {"geometry": np.concatenate(geometry).astype(np.float32), "labels": np.asarray(labels, np.int64),
+              "tile_size": np.int64(tile_size), "min_size": np.int64(min_size)}
+    if raw:
+        arrays["raw"] = np.concatenate(raw)
+    path = Path(path)
+    _save_npz_atomically(path, **arrays)
+    return path

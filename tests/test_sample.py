@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import generator.sampling as sampling
+from eval.layout import layout_report
 from generator.calibration import calibrate_layouts
 from generator.config import SamplerConfig
 from generator.models import build_model
@@ -70,6 +71,8 @@ def test_end_to_end_npz_and_resumption(setup, monkeypatch):
     assert images.std() > 0
     assert sorted(p.name for p in (output / "images").iterdir()) == [f"{i:06d}.png" for i in range(6)]
     assert sorted(p.name for p in (output / "chunks").iterdir()) == ["chunk_00000.npz", "chunk_00001.npz"]
+    with np.load(output / "layouts.npz") as saved:  # real layouts: valid tilings already, nothing raw to keep
+        assert saved["geometry"].shape == (6, 16, 5) and "raw" not in saved.files
 
     # a killed run: the second chunk and the merged file are missing; only that chunk is generated again
     (output / "chunks" / "chunk_00001.npz").unlink()
@@ -133,6 +136,13 @@ def test_two_stage_with_the_layout_model(setup):
     from generator.training import load_trained
 
     model, space, _ = load_trained(layout_run)
+    with np.load(output / "layouts.npz") as saved:  # the layouts the texture model got, and the raw model output
+        cli_sampler = SamplerConfig(method="euler", num_steps=3, guidance_scale=1.0, guidance_low=0.0)
+        again = sampling.ModelLayouts(model, space, cli_sampler, seed=3, tile_size=64)
+        raw, calibrated = again.sample([0, 1, 2], [0, 1, 2])
+        assert saved["labels"].tolist() == [0, 1, 2] and (int(saved["tile_size"]), int(saved["min_size"])) == (64, 8)
+        np.testing.assert_array_equal(saved["geometry"], calibrated.geometry)
+        np.testing.assert_allclose(saved["raw"], raw, atol=1e-5)
     source = sampling.ModelLayouts(model, space, SamplerConfig(method="euler", num_steps=3), seed=1, tile_size=64)
     layouts = source.layouts([0, 1, 2, 0], [0, 1, 2, 3]).numpy()
     assert layouts.shape == (4, 16, 5)
@@ -174,3 +184,59 @@ def test_bad_input_is_refused(setup, capsys):
         SamplerConfig(method="euler", num_steps=1), sampling.ShardLayouts(TokenShards(setup["shards"])))
     with pytest.raises(ValueError, match=r"labels \[5\] outside the model's 3 classes"):
         generator.tokens([0, 5], [0, 1])
+
+
+
+@pytest.fixture
+def two_stage_layouts(setup, tmp_path):
+    """A two-stage run (6 samples) and real layouts from the shards: (run folder, real layouts npz, their arrays)."""
+    layout_run = setup["root"] / "layout_model"
+    if not layout_run.is_dir():
+        fake_run(layout_run, "layout_tiny", setup["shards"], "model.num_classes=3")
+    output = tmp_path / "two_stage"
+    assert sample(setup, output, "--layout", "model", "--layout-weights", str(layout_run), "--layout-steps", "3",
+                  "--per-class", "2") == 0
+    shards = TokenShards(setup["shards"])
+    real = np.stack([np.array(shards.sample(i)[1]) for i in range(len(shards))])
+    np.savez(tmp_path / "real.npz", geometry=real, labels=shards.labels)
+    with np.load(output / "layouts.npz") as saved:
+        expected = layout_report(saved["raw"], real, saved["labels"], shards.labels, tile_size=64, min_size=8)
+    return output, tmp_path / "real.npz", expected
+
+
+def test_layout_metrics_of_a_sample_run(two_stage_layouts, tmp_path, capsys):
+    """eval.layout.layout_metrics on sample.py's layouts.npz: the report of the raw layouts, calibrated as sampled;
+    eval/fid.py refuses a bad layouts file before any Inception work."""
+    from eval.fid import main as fid_main
+    from eval.layout import layout_metrics
+
+    output, real, expected = two_stage_layouts
+    result = layout_metrics(output / "layouts.npz", real)
+    assert result["metrics"] == {"layout_fd": expected["frechet_distance"],
+                                 "layout_fd_class_mean": expected["frechet_distance_class_mean"],
+                                 "layout_exact_fraction": expected["exact_fraction"]}
+    np.savez(tmp_path / "bad.npz", layouts=np.zeros((2, 16, 5)))
+    assert fid_main([str(output / "samples.npz"), str(output / "samples.npz"), "--layouts", str(tmp_path / "bad.npz"),
+                     str(real)]) == 2
+    assert "missing array(s) ['geometry', 'labels']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fid_cli_adds_the_layout_metrics(two_stage_layouts, tmp_path):
+    """eval/fid.py --layouts end to end (TF-Inception on CPU: about a minute here)."""
+    from eval.fid import main as fid_main
+    from eval.inception import resolve_weights_path
+
+    try:
+        resolve_weights_path()
+    except FileNotFoundError as error:
+        pytest.skip(f"no offline Inception weights: {error}")
+    output, real, expected = two_stage_layouts
+    assert fid_main([str(output / "samples.npz"), str(output / "samples.npz"), "--device", "cpu", "--quiet",
+                     "--workers", "0", "--cache-dir", "", "--out", str(tmp_path / "report"), "--layouts",
+                     str(output / "layouts.npz"), str(real)]) == 0
+    metrics = json.loads((tmp_path / "report.json").read_text())["metrics"]
+    assert metrics["layout_fd"] == pytest.approx(expected["frechet_distance"])
+    assert metrics["layout_fd_class_mean"] == pytest.approx(expected["frechet_distance_class_mean"])
+    assert metrics["layout_exact_fraction"] == expected["exact_fraction"] and "fid" in metrics
+    assert "layout_fd" in (tmp_path / "report.md").read_text()
