@@ -134,7 +134,8 @@ def kernel_inception_distance(generated_features, real_features, subsets: int = 
 
 
 def _as_image_batch(name: str, images) -> torch.Tensor:
-    images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).double()
+    # float64 copy (numpy arrays may be read-only views, e.g. of an image file)
+    images = images.double() if torch.is_tensor(images) else torch.from_numpy(np.array(images, dtype=np.float64))
     if images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"{name} must be (N, H, W, 3) RGB in [0, 255], got shape {tuple(images.shape)}")
     return images
