@@ -7,9 +7,12 @@ oracle in test_render_reference.py).
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from render_tokens import random_tokens as shared_random_tokens, rel_err
 from splat_cuda import render, render_reference
 
 compiler = pytest.importorskip("splat_cuda.compiler")
@@ -78,18 +81,9 @@ def test_channel_padding_and_limits():
 
 # ---------------------------------------------------------------- GPU
 
-def random_tokens(batch, num, channels, *, sigma=(0.01, 0.3), rho=0.999, centre=1.15, seed=0, device="cuda"):
-    gen = torch.Generator().manual_seed(seed)
-    lo, hi = torch.log(torch.tensor(sigma[0])), torch.log(torch.tensor(sigma[1]))
-    s = torch.exp(lo + (hi - lo) * torch.rand(batch, num, 2, generator=gen))
-    r = (2 * torch.rand(batch, num, 1, generator=gen) - 1) * rho
-    mu = (2 * torch.rand(batch, num, 2, generator=gen) - 1) * centre
-    f = torch.randn(batch, num, channels, generator=gen)
-    return torch.cat([s, r, mu, f], -1).to(device)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+# Tokens of every difficulty: tiny sigma, rho near +-1, centres partly outside the map.
+random_tokens = functools.partial(shared_random_tokens, sigma=(0.01, 0.3), rho=0.999, centre=1.15,
+                                  dtype=torch.float32, device="cuda")
 
 
 def cuda_and_reference(tokens, size, weight_seed=1):

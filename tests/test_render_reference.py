@@ -1,12 +1,14 @@
 """The PyTorch reference renderer against a dense float64 oracle written straight from SPEC.md section 2."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
 import splat_cuda
+from render_tokens import random_tokens as shared_random_tokens, rel_err
 from splat_cuda import reference, render, render_reference
 
 
@@ -24,19 +26,7 @@ def dense_oracle(tokens: torch.Tensor, height: int, width: int, dmax: float = 3.
     return torch.einsum("bnhw,bnc->bchw", g, t[..., 5:])
 
 
-def random_tokens(batch, num, channels, *, sigma=(0.02, 0.4), rho=0.95, centre=1.2, seed=0, dtype=torch.float64):
-    """Random tokens: log-uniform sigma, uniform rho and centres (partly outside the map when centre > 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    lo, hi = torch.log(torch.tensor(sigma[0])), torch.log(torch.tensor(sigma[1]))
-    s = torch.exp(lo + (hi - lo) * torch.rand(batch, num, 2, generator=gen))
-    r = (2 * torch.rand(batch, num, 1, generator=gen) - 1) * rho
-    mu = (2 * torch.rand(batch, num, 2, generator=gen) - 1) * centre
-    f = torch.randn(batch, num, channels, generator=gen)
-    return torch.cat([s, r, mu, f], -1).to(dtype)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+random_tokens = functools.partial(shared_random_tokens, sigma=(0.02, 0.4), rho=0.95, centre=1.2)
 
 
 @pytest.mark.parametrize("size", [(17, 23), (37, 41), (64, 64), (2, 2)])
