@@ -18,8 +18,11 @@ features standard normal.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,17 +126,28 @@ def run_gpu(args):
             fwd_in = [(t,) for t in toks]
             both_in = list(zip(toks, gos))
             esize = torch.tensor([], dtype=dtype).element_size()
-            fwd = lambda t: op.render_forward(t, side, side, 3.0, False)  # noqa: E731
-            bwd = lambda t, g: op.render_backward(t, g, side, side, 3.0, False)  # noqa: E731
-            both = lambda t, g: (fwd(t), bwd(t, g))  # noqa: E731
-            det = lambda t, g: (fwd(t), op.render_backward(t, g, side, side, 3.0, True))  # noqa: E731
+            saved = {t.data_ptr(): op.render_forward(t, side, side, 3.0, False)[1:] for t in toks}
+
+            def fwd(t):
+                return op.render_forward(t, side, side, 3.0, False)
+
+            def bwd(t, g, deterministic=False):  # with the forward's prep and masks, as autograd does
+                return op.render_backward(t, *saved[t.data_ptr()], g, side, side, 3.0, deterministic)
+
+            def both(t, g, deterministic=False):
+                _, prep, masks = fwd(t)
+                return op.render_backward(t, prep, masks, g, side, side, 3.0, deterministic)
+
+            def det(t, g):
+                return both(t, g, True)
+
             map_b = map_bytes // 4 * esize
             tok_b = token_bytes // 4 * esize
             plan = [("forward", fwd, fwd_in, map_b + tok_b)]
-            if dtype == torch.float32:
+            if dtype == torch.float32 or not args.quick:
                 plan += [("backward", bwd, both_in, map_b + 2 * tok_b)]
             plan += [("fwd+bwd", both, both_in, 2 * map_b + 3 * tok_b)]
-            if dtype == torch.float32:
+            if dtype == torch.float32 and not args.quick:
                 plan += [("fwd+bwd deterministic", det, both_in, 2 * map_b + 3 * tok_b)]
             for label, fn, inputs, nbytes in plan:
                 t_graph = graph_time_us(fn, inputs, args.calls, args.reps)
@@ -144,7 +158,7 @@ def run_gpu(args):
             t = t.detach().requires_grad_()
             render_reference(t, side, side).backward(g)
 
-        ref_us = eager_time_us(reference_step, list(zip(sets, gouts))[:2], 1, 3)
+        ref_us = float("nan") if args.quick else eager_time_us(reference_step, list(zip(sets, gouts))[:2], 1, 3)
         variants.append(("PyTorch reference fp32 fwd+bwd", ref_us, ref_us, float("nan")))
         rows.append((name, variants))
     return rows, checks
@@ -158,10 +172,35 @@ def run_for_profiler(args):
         tokens = make_tokens(batch, num, channels, 0, "cuda")
         gout = torch.randn(batch, channels, side, side, device="cuda")
         for _ in range(3):
-            op.render_forward(tokens, side, side, 3.0, False)
-            op.render_backward(tokens, gout, side, side, 3.0, False)
+            _, prep, masks = op.render_forward(tokens, side, side, 3.0, False)
+            op.render_backward(tokens, prep, masks, gout, side, side, 3.0, False)
         torch.cuda.synchronize()
         print(f"profiled {name}")
+
+
+def sweep_min_blocks(args) -> list[str]:
+    """Time fp32 forward / backward / fwd+bwd for each `--sweep-min-blocks` setting (F,B = the blocks per SM the
+    forward and backward kernels are compiled for: splat_cuda.compiler.MIN_BLOCKS), one child process each."""
+    lines = ["| min blocks (fwd,bwd) | case | forward us | backward us | fwd+bwd us | bf16 fwd+bwd us |",
+             "|---|---|---|---|---|---|"]
+    for setting in args.sweep_min_blocks:
+        with tempfile.TemporaryDirectory() as tmp:
+            table = Path(tmp) / "table.md"
+            command = [sys.executable, __file__, "--quick", "--reps", str(args.reps), "--markdown", str(table)]
+            if args.cases:
+                command += ["--cases", *map(str, args.cases)]
+            env = dict(os.environ, SPLAT_CUDA_MIN_BLOCKS=setting, SPLAT_CUDA_CACHE=tmp)
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+            times: dict[str, dict[str, str]] = {}
+            for row in table.read_text().splitlines():
+                cells = [c.strip() for c in row.strip("|").split("|")]
+                if len(cells) == 6 and cells[1].startswith("cuda "):
+                    times.setdefault(cells[0], {})[cells[1]] = cells[2]
+        for case, t in times.items():
+            lines.append(f"| {setting} | {case} | {t.get('cuda fp32 forward')} | {t.get('cuda fp32 backward')} | "
+                         f"{t.get('cuda fp32 fwd+bwd')} | {t.get('cuda bf16 fwd+bwd')} |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def run_cpu(args):
@@ -191,9 +230,18 @@ def main():
     parser.add_argument("--cases", type=int, nargs="+", help="indices of the GPU cases to run (default: all)")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="only run the first K GPU cases a few times, untimed, for a profiler")
+    parser.add_argument("--quick", action="store_true", help="fewer variants, no PyTorch reference timing")
+    parser.add_argument("--sweep-min-blocks", nargs="+", metavar="F,B",
+                        help="compare kernel register budgets (SPLAT_CUDA_MIN_BLOCKS settings), e.g. 3,3 4,3 4,2")
     args = parser.parse_args()
     if args.profile:
         run_for_profiler(args)
+        return
+    if args.sweep_min_blocks:
+        text = "\n".join(sweep_min_blocks(args))
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text + "\n")
         return
     lines = []
     if torch.cuda.is_available() and not args.cpu:
@@ -210,7 +258,8 @@ def main():
             ref_us = variants[-1][1]
             for label, t_graph, t_eager, bw in variants:
                 bw_text = "" if bw != bw else f"{bw:.0f}"
-                lines.append(f"| {name} | {label} | {t_graph:.1f} | {t_eager:.1f} | {bw_text} | {ref_us / t_graph:.0f}x |")
+                ratio = "" if ref_us != ref_us else f"{ref_us / t_graph:.0f}x"
+                lines.append(f"| {name} | {label} | {t_graph:.1f} | {t_eager:.1f} | {bw_text} | {ratio} |")
             if name in RELEASED_MS:
                 fwd_ms, bwd_ms = RELEASED_MS[name]
                 both = next(t for lab, t, _, _ in variants if lab == "cuda fp32 fwd+bwd")

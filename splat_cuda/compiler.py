@@ -28,9 +28,17 @@ MAX_CHANNELS = CHANNEL_PADDINGS[-1]
 # Storage type of each supported token dtype, by the name used in the kernel source.
 STORAGE_TYPES = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t"}
 
-# Must match the kernel source: 16x16 pixel tiles, 256 threads per block.
+# Must match the kernel source: 16x16 pixel tiles, 256 threads per block, a tile's token list built from at
+# most THREADS 32-bit mask words, a `prep` row of 8 geometry floats before the padded features.
 TILE = 16
 THREADS = 256
+MAX_TOKENS = 32 * THREADS
+GEO_FLOATS = 8
+
+# Blocks per SM the kernels are compiled to fit (forward, backward), by channel padding: measured on an H200
+# (benchmarks/renderer.py --sweep-min-blocks). `SPLAT_CUDA_MIN_BLOCKS=F,B` overrides them, for tuning on
+# other GPUs.
+MIN_BLOCKS = {4: (4, 3), 8: (4, 3), 16: (4, 3), 32: (3, 3), 64: (2, 2)}
 
 # Oldest architecture the kernels are written for (warp shuffles with masks, float atomics).
 MIN_COMPUTE_CAPABILITY = (7, 0)
@@ -57,18 +65,17 @@ def channel_padding(channels: int) -> int:
     raise ValueError(f"the CUDA renderer handles at most {MAX_CHANNELS} channels, got {channels}")
 
 
-def round_size(cpt: int) -> int:
-    """Tokens culled per round into a block's shared list (ROUND_SIZE in render.cu)."""
-    return 256 if cpt <= 32 else 128
+def shared_memory_bytes(cpt: int) -> int:
+    """Dynamic shared memory of one backward block: the tile's dL/dout, rows padded by 4 floats."""
+    return THREADS * (cpt + 4) * 4
 
 
-def shared_memory_bytes(cpt: int, backward: bool) -> int:
-    """Dynamic shared memory of one block: token geometry, staged features, staged dL/dout."""
-    rnd = round_size(cpt)
-    size = rnd * 32 + rnd * cpt * 4
-    if backward:
-        size += THREADS * (cpt + 4) * 4
-    return size
+def min_blocks(cpt: int) -> tuple[int, int]:
+    override = os.environ.get("SPLAT_CUDA_MIN_BLOCKS")
+    if override:
+        forward, backward = (int(v) for v in override.split(","))
+        return forward, backward
+    return MIN_BLOCKS[cpt]
 
 
 def variant_source(dtype_name: str, cpt: int) -> str:
@@ -76,7 +83,9 @@ def variant_source(dtype_name: str, cpt: int) -> str:
         raise TypeError(f"the CUDA renderer supports {sorted(STORAGE_TYPES)} tokens, got {dtype_name}")
     if cpt not in CHANNEL_PADDINGS:
         raise ValueError(f"channel padding must be one of {CHANNEL_PADDINGS}, got {cpt}")
-    return KERNEL_SOURCE.read_text() + f"\nSPLAT_INSTANTIATE({STORAGE_TYPES[dtype_name]}, {cpt})\n"
+    forward_blocks, backward_blocks = min_blocks(cpt)
+    return (f"#define FORWARD_MIN_BLOCKS {forward_blocks}\n#define BACKWARD_MIN_BLOCKS {backward_blocks}\n"
+            + KERNEL_SOURCE.read_text() + f"\nSPLAT_INSTANTIATE({STORAGE_TYPES[dtype_name]}, {cpt})\n")
 
 
 def _options(core, arch: str, syntax_only: bool = False):
@@ -137,6 +146,7 @@ def cached_cubin(dtype_name: str, cpt: int, arch: str) -> bytes:
 class KernelSet:
     """The loaded kernels of one (device, dtype, channel padding) variant."""
 
+    prepare: object
     forward: object
     backward: object
     backward_deterministic: object
@@ -187,12 +197,13 @@ def load_kernels(device_index: int, dtype_name: str, cpt: int) -> KernelSet:
         device.set_current()
         cubin = cached_cubin(dtype_name, cpt, device_arch(device_index))
         module = core.ObjectCode.from_cubin(cubin)
-        names = ("render_forward", "render_backward", "render_backward_deterministic", "reduce_tile_gradients")
+        names = ("render_prepare", "render_forward", "render_backward", "render_backward_deterministic",
+                 "reduce_tile_gradients")
         kernels = {name: module.get_kernel(name) for name in names}
-        for name, backward in (("render_forward", False), ("render_backward", True),
-                               ("render_backward_deterministic", True)):
-            _allow_shared_memory(kernels[name], shared_memory_bytes(cpt, backward), device_index)
+        for name in ("render_backward", "render_backward_deterministic"):
+            _allow_shared_memory(kernels[name], shared_memory_bytes(cpt), device_index)
         return KernelSet(
+            prepare=kernels["render_prepare"],
             forward=kernels["render_forward"],
             backward=kernels["render_backward"],
             backward_deterministic=kernels["render_backward_deterministic"],

@@ -1,11 +1,14 @@
 """The CUDA renderer as PyTorch custom ops (`torch.library`), with its autograd formula.
 
-`splat_cuda::render_forward(tokens, height, width, dmax, deterministic) -> (B, C, H, W)` and
-`splat_cuda::render_backward(tokens, grad_out, height, width, dmax, deterministic) -> (B, N, 5 + C)`
-each launch one kernel per batch (the deterministic backward adds one reduction kernel) on PyTorch's
-current stream, allocate only through PyTorch and never synchronise with the host, so they work in
-eager mode, under `torch.compile(fullgraph=True)` (the fake implementations give shapes) and inside
-CUDA-graph capture (after a first eager call has compiled and loaded the kernels).
+`splat_cuda::render_forward(tokens, height, width, dmax, deterministic) -> (map, prep, masks)` launches
+the prepare kernel (per-token geometry and padded float32 features in `prep` (B, N, 8 + CPT), the tiles
+each token touches as bits of `masks` (B, tiles, ceil(N / 32)) int32) and the forward kernel; the map is
+(B, C, H, W). `splat_cuda::render_backward(tokens, prep, masks, grad_out, height, width, dmax,
+deterministic) -> (B, N, 5 + C)` reuses `prep` and `masks` (autograd keeps them; they are not
+differentiable). Every kernel covers the whole batch in one launch on PyTorch's current stream; the ops
+allocate only through PyTorch and never synchronise with the host, so they work in eager mode, under
+`torch.compile(fullgraph=True)` (the fake implementations give shapes) and inside CUDA-graph capture
+(after a first eager call has compiled and loaded the kernels).
 
 Accumulation is fp32 whatever the token dtype; the output has the tokens' dtype, and so does the
 gradient (computed in fp32, then cast). The default backward adds per-tile partial gradients with
@@ -20,7 +23,16 @@ import threading
 import numpy as np
 import torch
 
-from .compiler import THREADS, TILE, _import_cuda_core, channel_padding, load_kernels, shared_memory_bytes
+from .compiler import (
+    GEO_FLOATS,
+    MAX_TOKENS,
+    THREADS,
+    TILE,
+    _import_cuda_core,
+    channel_padding,
+    load_kernels,
+    shared_memory_bytes,
+)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -77,33 +89,50 @@ def _check_tokens(tokens: torch.Tensor) -> None:
         raise ValueError(f"splat_cuda CUDA op: tokens must be (B, N, 5 + C), got {tuple(tokens.shape)}")
     if not tokens.is_contiguous():
         raise ValueError("splat_cuda CUDA op: tokens must be contiguous (splat_cuda.render makes them so)")
+    if tokens.shape[1] > MAX_TOKENS:
+        raise ValueError(f"splat_cuda CUDA op: at most {MAX_TOKENS} tokens per image, got {tokens.shape[1]}")
+
+
+def _mask_shape(batch: int, num: int, height: int, width: int) -> tuple[int, int, int]:
+    return batch, _tiles(height, width), (num + 31) // 32
 
 
 @torch.library.custom_op("splat_cuda::render_forward", mutates_args=(), device_types="cuda")
-def render_forward(tokens: torch.Tensor, height: int, width: int, dmax: float, deterministic: bool) -> torch.Tensor:
-    """(B, N, 5 + C) tokens -> (B, C, H, W) map. `deterministic` only matters to the backward."""
+def render_forward(tokens: torch.Tensor, height: int, width: int, dmax: float,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 5 + C) tokens -> (B, C, H, W) map, plus `prep` and `masks` for the backward.
+
+    `deterministic` only matters to the backward.
+    """
     _check_tokens(tokens)
     batch, num, dim = tokens.shape
-    out = torch.empty(batch, dim - 5, height, width, dtype=tokens.dtype, device=tokens.device)
-    if out.numel() == 0:
-        return out
     kernels = _kernels(tokens)
+    out = torch.empty(batch, dim - 5, height, width, dtype=tokens.dtype, device=tokens.device)
+    prep = torch.empty(batch, num, GEO_FLOATS + kernels.cpt, dtype=torch.float32, device=tokens.device)
+    masks = torch.zeros(_mask_shape(batch, num, height, width), dtype=torch.int32, device=tokens.device)
+    if tokens.numel() == 0 or out.numel() == 0:
+        return out.zero_(), prep, masks
+    sizes = (np.int32(num), np.int32(dim - 5), np.int32(height), np.int32(width))
     with torch.cuda.device(tokens.device):
-        _launch(kernels.forward, tokens.device, (_tiles(height, width), batch), shared_memory_bytes(kernels.cpt, False),
-                tokens.data_ptr(), out.data_ptr(), np.int32(num), np.int32(dim - 5), np.int32(height),
-                np.int32(width), np.float32(dmax))
-    return out
+        _launch(kernels.prepare, tokens.device, ((batch * num + THREADS - 1) // THREADS, 1), 0,
+                tokens.data_ptr(), prep.data_ptr(), masks.data_ptr(), np.int64(batch * num), *sizes,
+                np.float32(dmax))
+        _launch(kernels.forward, tokens.device, (_tiles(height, width), batch), 0,
+                prep.data_ptr(), masks.data_ptr(), out.data_ptr(), *sizes)
+    return out, prep, masks
 
 
 @render_forward.register_fake
 def _render_forward_fake(tokens, height, width, dmax, deterministic):
-    batch, _, dim = tokens.shape
-    return tokens.new_empty(batch, dim - 5, height, width)
+    batch, num, dim = tokens.shape
+    return (tokens.new_empty(batch, dim - 5, height, width),
+            tokens.new_empty(batch, num, GEO_FLOATS + channel_padding(dim - 5), dtype=torch.float32),
+            tokens.new_empty(_mask_shape(batch, num, height, width), dtype=torch.int32))
 
 
 @torch.library.custom_op("splat_cuda::render_backward", mutates_args=(), device_types="cuda")
-def render_backward(tokens: torch.Tensor, grad_out: torch.Tensor, height: int, width: int, dmax: float,
-                    deterministic: bool) -> torch.Tensor:
+def render_backward(tokens: torch.Tensor, prep: torch.Tensor, masks: torch.Tensor, grad_out: torch.Tensor,
+                    height: int, width: int, dmax: float, deterministic: bool) -> torch.Tensor:
     """dL/dtokens (B, N, 5 + C) from dL/dout (B, C, H, W), in the tokens' dtype."""
     _check_tokens(tokens)
     batch, num, dim = tokens.shape
@@ -117,38 +146,40 @@ def render_backward(tokens: torch.Tensor, grad_out: torch.Tensor, height: int, w
         return torch.zeros_like(tokens)
     kernels = _kernels(tokens)
     tiles = _tiles(height, width)
-    shmem = shared_memory_bytes(kernels.cpt, True)
-    scalars = (np.int32(num), np.int32(dim - 5), np.int32(height), np.int32(width), np.float32(dmax))
+    shmem = shared_memory_bytes(kernels.cpt)
+    sizes = (np.int32(num), np.int32(dim - 5), np.int32(height), np.int32(width))
     with torch.cuda.device(tokens.device):
         if deterministic:
             partial = torch.empty(batch, tiles, num, dim, dtype=torch.float32, device=tokens.device)
             grad = torch.empty(batch, num, dim, dtype=torch.float32, device=tokens.device)
             _launch(kernels.backward_deterministic, tokens.device, (tiles, batch), shmem,
-                    tokens.data_ptr(), grad_out.data_ptr(), partial.data_ptr(), *scalars)
+                    prep.data_ptr(), masks.data_ptr(), grad_out.data_ptr(), partial.data_ptr(), *sizes)
             blocks = (batch * num + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
             _launch(kernels.reduce_tile_gradients, tokens.device, (blocks, 1), 0,
-                    tokens.data_ptr(), partial.data_ptr(), grad.data_ptr(), np.int32(batch), *scalars)
+                    prep.data_ptr(), masks.data_ptr(), partial.data_ptr(), grad.data_ptr(), np.int32(batch), *sizes)
         else:
             grad = torch.zeros(batch, num, dim, dtype=torch.float32, device=tokens.device)
             _launch(kernels.backward, tokens.device, (tiles, batch), shmem,
-                    tokens.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), *scalars)
+                    prep.data_ptr(), masks.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), *sizes)
     return grad.to(tokens.dtype)
 
 
 @render_backward.register_fake
-def _render_backward_fake(tokens, grad_out, height, width, dmax, deterministic):
+def _render_backward_fake(tokens, prep, masks, grad_out, height, width, dmax, deterministic):
     return torch.empty_like(tokens)
 
 
 def _setup_context(ctx, inputs, output):
     tokens, height, width, dmax, deterministic = inputs
-    ctx.save_for_backward(tokens)
+    _, prep, masks = output
+    ctx.mark_non_differentiable(prep, masks)
+    ctx.save_for_backward(tokens, prep, masks)
     ctx.render_args = (height, width, dmax, deterministic)
 
 
-def _backward(ctx, grad_out):
-    (tokens,) = ctx.saved_tensors
-    grad = render_backward(tokens, grad_out, *ctx.render_args)
+def _backward(ctx, grad_out, _grad_prep, _grad_masks):
+    tokens, prep, masks = ctx.saved_tensors
+    grad = render_backward(tokens, prep, masks, grad_out, *ctx.render_args)
     return grad, None, None, None, None
 
 
@@ -158,4 +189,5 @@ render_forward.register_autograd(_backward, setup_context=_setup_context)
 def render_cuda(tokens: torch.Tensor, height: int, width: int, dmax: float = 3.0,
                 deterministic: bool = False) -> torch.Tensor:
     """Render CUDA tokens (B, N, 5 + C), C <= 64, fp32/bf16/fp16 -> (B, C, H, W) with the kernels."""
-    return render_forward(tokens.contiguous(), int(height), int(width), float(dmax), bool(deterministic))
+    out, _, _ = render_forward(tokens.contiguous(), int(height), int(width), float(dmax), bool(deterministic))
+    return out

@@ -34,7 +34,8 @@ def test_every_variant_parses_and_instantiates(arch):
 def test_one_variant_compiles_to_cubin(arch):
     cubin = compiler.compile_variant("bfloat16", 4, arch)
     assert cubin[:4] == b"\x7fELF"
-    for name in (b"render_forward", b"render_backward", b"render_backward_deterministic", b"reduce_tile_gradients"):
+    for name in (b"render_prepare", b"render_forward", b"render_backward", b"render_backward_deterministic",
+                 b"reduce_tile_gradients"):
         assert name in cubin
 
 
@@ -227,7 +228,11 @@ def test_dispatch_and_errors():
 
     with pytest.raises(ValueError, match="contiguous"):
         op.render_forward(view, 24, 24, 3.0, False)
+    small = tokens[..., :9].contiguous()
+    _, prep, masks = op.render_forward(small, 6, 6, 3.0, False)
     with pytest.raises(ValueError, match="grad_out must be"):
-        op.render_backward(tokens[..., :9].contiguous(), torch.zeros(2, 4, 5, 5, device="cuda"), 6, 6, 3.0, False)
+        op.render_backward(small, prep, masks, torch.zeros(2, 4, 5, 5, device="cuda"), 6, 6, 3.0, False)
     with pytest.raises(ValueError, match="on cpu"):
-        op.render_backward(tokens[..., :9].contiguous(), torch.zeros(2, 4, 6, 6), 6, 6, 3.0, False)
+        op.render_backward(small, prep, masks, torch.zeros(2, 4, 6, 6), 6, 6, 3.0, False)
+    with pytest.raises(ValueError, match="at most 8192 tokens"):
+        op.render_forward(random_tokens(1, 8193, 4, seed=14), 16, 16, 3.0, False)

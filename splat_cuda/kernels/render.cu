@@ -8,28 +8,36 @@
 // badly when |rho| -> 1). Pixel centres px = 2 j / (W - 1) - 1 are carried as a float pair (hi + lo)
 // so that dx keeps full relative precision even for tiny sigma.
 //
-// Work split: one block of 256 threads per (image, 16x16 pixel tile); blockIdx.y is the image, so a
-// whole batch is one launch. Each round the block tests ROUND tokens against the tile's box, compacts
-// the hits (in token order, so sums are order-stable) into a shared list, and stages their features.
-// Forward: warp w owns an 8x4 pixel group, lane = pixel, channel accumulators live in registers; a
-// warp-level ballot skips the list entries whose box misses its group.
-// Backward: warp w owns list entries w, w+8, ... and walks the tile's 8 pixel groups (lane = pixel)
-// with the tile's dL/dout staged in shared memory; per-lane partial sums are reduced across the warp
-// once per (tile, token) and then either added atomically to dL/dtokens or, in deterministic mode,
-// stored in a per-tile buffer that `reduce_tiles` sums in a fixed tile order.
+// Three steps, each one launch for the whole batch:
+// 1. `render_prepare`, one thread per token: derives the token's geometry once (centre, box
+//    half-widths, 1/sigma, 1/(2(1-rho^2))) into a float32 row [geometry (8) | features padded to CPT]
+//    of `prep`, and sets the token's bit in the mask of every 16x16 pixel tile its box touches
+//    (`masks`: one bit per token per tile). Forward and backward share both (autograd keeps them).
+// 2. `render_forward`, one block of 256 threads per (tile, image): expands the tile's mask into a
+//    list of its tokens in token order (so sums are order-stable), then warp w owns an 8x4 pixel
+//    group, lane = pixel, channel accumulators in registers; a warp ballot skips the list entries
+//    whose box misses the group; geometry and features are read from `prep` (broadcast loads).
+// 3. `render_backward`, one block per (tile, image): stages the tile's dL/dout in shared memory;
+//    warp w owns list entries w, w + 8, ... and walks only the pixels of the token's box inside the
+//    tile (lane = pixel); per-lane partial sums are reduced across the warp once per (tile, token)
+//    and then either added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile
+//    buffer that `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
 //
-// Entry points are extern "C" (no name mangling): render_forward, render_backward,
-// render_backward_deterministic, reduce_tile_gradients, instantiated per (dtype, CPT) by the host
-// (see the end of this file). CPT is the channel count padded to 4, 8, 16, 32 or 64.
+// Entry points are extern "C" (no name mangling), instantiated per (dtype, CPT) by the host (see the
+// end of this file). CPT is the channel count padded to 4, 8, 16, 32 or 64.
 
 #define FULL_MASK 0xffffffffu
 #define TILE 16
 #define THREADS 256
 #define WARPS 8
-// Tokens culled per round into a block's shared list (splat_cuda/compiler.py mirrors this). On an
-// H200 (2026-11), smaller rounds with more blocks per SM measured no faster at 64x64 and slower at
-// N = 4096.
-#define ROUND_SIZE(CPT) ((CPT) <= 32 ? 256 : 128)
+// A tile's token list is built from at most THREADS mask words: N <= 32 * THREADS tokens
+// (splat_cuda/compiler.py mirrors this).
+#define MAX_TOKENS (32 * THREADS)
+// Floats of geometry at the start of a `prep` row (the Geo struct below).
+#define GEO_FLOATS 8
+// FORWARD_MIN_BLOCKS and BACKWARD_MIN_BLOCKS (blocks per SM the compiler must leave registers for:
+// more resident blocks hide more latency, fewer leave more registers) are defined by the host per
+// channel padding (splat_cuda/compiler.py).
 
 // ---- storage types: 16-bit floats are read and written as raw bits (NVRTC needs no headers) ----
 struct bf16_t { unsigned short bits; };
@@ -144,105 +152,6 @@ __device__ __forceinline__ Weight pixel_weight(const Geo& gd, float2 px, float2 
     return w;
 }
 
-// ---- culling a round of tokens into the block's shared list ----
-// Tests tokens [base, base + ROUND) against the tile, writes the hits in token order to geo_s and
-// idx_s, stages their features (padded to CPT with zeros) in feat_s, and returns the list length.
-template <typename T, int CPT, int ROUND>
-__device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C, float dmax, const Rect& tile,
-                                          Geo* geo_s, int* idx_s, float* feat_s, int* warp_count) {
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int D = 5 + C;
-    const int i = base + tid;
-    bool hit = false;
-    Geo gd;
-    if (tid < ROUND && i < N) {
-        gd = make_geo(tok_b + (size_t)i * D, dmax);
-        hit = box_touches(gd, tile);
-    }
-    const unsigned mask = __ballot_sync(FULL_MASK, hit);
-    if (lane == 0) warp_count[warp] = __popc(mask);
-    __syncthreads();
-    int offset = 0, total = 0;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-        const int c = warp_count[w];
-        offset += (w < warp) ? c : 0;
-        total += c;
-    }
-    if (hit) {
-        const int slot = offset + __popc(mask & ((1u << lane) - 1u));
-        geo_s[slot] = gd;
-        idx_s[slot] = i;
-    }
-    __syncthreads();
-    for (int t = tid; t < total * CPT; t += THREADS) {
-        const int j = t / CPT, k = t % CPT;
-        feat_s[t] = (k < C) ? to_float(tok_b[(size_t)idx_s[j] * D + 5 + k]) : 0.0f;
-    }
-    __syncthreads();
-    return total;
-}
-
-// ---- forward ----
-template <typename T, int CPT>
-__device__ __forceinline__ void forward(const T* __restrict__ tokens, T* __restrict__ out, int N, int C, int H,
-                                        int W, float dmax) {
-    constexpr int ROUND = ROUND_SIZE(CPT);
-    extern __shared__ float4 smem4[];
-    Geo* geo_s = reinterpret_cast<Geo*>(smem4);
-    float* feat_s = reinterpret_cast<float*>(geo_s + ROUND);
-    __shared__ int idx_s[ROUND];
-    __shared__ int warp_count[WARPS];
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int b = blockIdx.y;
-    const int tiles_x = (W + TILE - 1) / TILE;
-    const int tx0 = (blockIdx.x % tiles_x) * TILE, ty0 = (blockIdx.x / tiles_x) * TILE;
-    const int gx0 = tx0 + (warp & 1) * 8, gy0 = ty0 + (warp >> 1) * 4;
-    const int x = gx0 + (lane & 7), y = gy0 + (lane >> 3);
-    const bool group_in_map = gx0 < W && gy0 < H;
-    const double step_x = grid_step(W), step_y = grid_step(H);
-    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H, step_x, step_y);
-    const Rect group = pixel_rect(min(gx0, W - 1), min(gy0, H - 1), 8, 4, W, H, step_x, step_y);
-    const float2 px = pixel_coord(x, step_x), py = pixel_coord(y, step_y);
-
-    const T* tok_b = tokens + (size_t)b * N * (5 + C);
-    float acc[CPT];
-#pragma unroll
-    for (int k = 0; k < CPT; ++k) acc[k] = 0.0f;
-
-    for (int base = 0; base < N; base += ROUND) {
-        const int total = cull_round<T, CPT, ROUND>(tok_b, base, N, C, dmax, tile, geo_s, idx_s, feat_s, warp_count);
-        if (group_in_map) {
-            for (int wb = 0; wb < total; wb += 32) {
-                const int j = wb + lane;
-                unsigned hits = __ballot_sync(FULL_MASK, j < total && box_touches(geo_s[j], group));
-                while (hits) {
-                    const int jj = wb + __ffs(hits) - 1;
-                    hits &= hits - 1u;
-                    const float g = pixel_weight(geo_s[jj], px, py).g;
-                    const float4* f4 = reinterpret_cast<const float4*>(feat_s + jj * CPT);
-#pragma unroll
-                    for (int k4 = 0; k4 < CPT / 4; ++k4) {
-                        const float4 f = f4[k4];
-                        acc[4 * k4 + 0] = fmaf(g, f.x, acc[4 * k4 + 0]);
-                        acc[4 * k4 + 1] = fmaf(g, f.y, acc[4 * k4 + 1]);
-                        acc[4 * k4 + 2] = fmaf(g, f.z, acc[4 * k4 + 2]);
-                        acc[4 * k4 + 3] = fmaf(g, f.w, acc[4 * k4 + 3]);
-                    }
-                }
-            }
-        }
-        __syncthreads();  // the next round overwrites the shared list
-    }
-    if (x < W && y < H) {
-        T* o = out + (size_t)b * C * H * W + (size_t)y * W + x;
-#pragma unroll
-        for (int k = 0; k < CPT; ++k)
-            if (k < C) o[(size_t)k * H * W] = from_float<T>(acc[k]);
-    }
-}
-
 // ---- warp reduction of many values at once ----
 // Sums each of V per-lane values over the 32 lanes with about V shuffles in all (instead of 5 V):
 // at each butterfly step a lane keeps one half of its values and trades the other half with its
@@ -266,89 +175,286 @@ __device__ __forceinline__ void transpose_reduce(float (&v)[M], int lane) {
     }
 }
 
+// ---- prepare: per-token geometry, padded float32 features, tile masks ----
+
+// Candidate tile range of a box (one tile of slack on each side; the exact test decides). In double, so
+// that no rounding of large coordinates can push a touched tile out of the range.
+struct TileRange { int x0, x1, y0, y1; };
+__device__ __forceinline__ TileRange tile_range(const Geo& g, int H, int W) {
+    const int tiles_x = (W + TILE - 1) / TILE, tiles_y = (H + TILE - 1) / TILE;
+    const double sx = 0.5 * (W - 1) / TILE, sy = 0.5 * (H - 1) / TILE;
+    const double fx0 = ((double)g.mx - (double)g.hx + 1.0) * sx, fx1 = ((double)g.mx + (double)g.hx + 1.0) * sx;
+    const double fy0 = ((double)g.my - (double)g.hy + 1.0) * sy, fy1 = ((double)g.my + (double)g.hy + 1.0) * sy;
+    TileRange r;  // fmin/fmax drop NaN, leaving the full range (the exact test then fails)
+    r.x0 = (int)fmin(fmax(floor(fx0) - 1.0, 0.0), (double)(tiles_x - 1));
+    r.x1 = (int)fmin(fmax(floor(fx1) + 1.0, 0.0), (double)(tiles_x - 1));
+    r.y0 = (int)fmin(fmax(floor(fy0) - 1.0, 0.0), (double)(tiles_y - 1));
+    r.y1 = (int)fmin(fmax(floor(fy1) + 1.0, 0.0), (double)(tiles_y - 1));
+    return r;
+}
+
+template <int CPT>
+__device__ __forceinline__ const float* prep_row(const float* prep, size_t token) {
+    return prep + token * (GEO_FLOATS + CPT);
+}
+
+__device__ __forceinline__ Geo load_geo(const float* row) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(row));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(row) + 1);
+    Geo g;
+    g.mx = a.x; g.my = a.y; g.hx = a.z; g.hy = a.w;
+    g.isx = b.x; g.isy = b.y; g.rho = b.z; g.hinv = b.w;
+    return g;
+}
+
+template <typename T, int CPT>
+__device__ __forceinline__ void prepare(const T* __restrict__ tokens, float* __restrict__ prep,
+                                        unsigned* __restrict__ masks, long long total, int N, int C, int H, int W,
+                                        float dmax) {
+    const int lane = threadIdx.x & 31;
+    const long long item = (long long)blockIdx.x * THREADS + threadIdx.x;
+    const int D = 5 + C;
+    if (item < total) {
+        const Geo g = make_geo(tokens + item * D, dmax);
+        float4* row = reinterpret_cast<float4*>(prep + item * (GEO_FLOATS + CPT));
+        row[0] = make_float4(g.mx, g.my, g.hx, g.hy);
+        row[1] = make_float4(g.isx, g.isy, g.rho, g.hinv);
+        const int b = (int)(item / N), i = (int)(item % N);
+        const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
+        const int words = (N + 31) >> 5;
+        const double step_x = grid_step(W), step_y = grid_step(H);
+        const TileRange r = tile_range(g, H, W);
+        for (int ty = r.y0; ty <= r.y1; ++ty)
+            for (int tx = r.x0; tx <= r.x1; ++tx)
+                if (box_touches(g, pixel_rect(tx * TILE, ty * TILE, TILE, TILE, W, H, step_x, step_y)))
+                    atomicOr(masks + ((size_t)b * num_tiles + ty * tiles_x + tx) * words + (i >> 5), 1u << (i & 31));
+    }
+    // features: the warp copies its 32 tokens' rows one after the other, lane = channel (coalesced)
+    const long long first = item - lane;
+    for (int t = 0; t < 32 && first + t < total; ++t) {
+        const T* src = tokens + (first + t) * D + 5;
+        float* dst = prep + (first + t) * (GEO_FLOATS + CPT) + GEO_FLOATS;
+        for (int k = lane; k < CPT; k += 32) dst[k] = (k < C) ? to_float(src[k]) : 0.0f;
+    }
+}
+
+// ---- a tile's token list, from its mask ----
+// The block first counts the set bits of every mask word (one word per thread) and stores each word's
+// offset into the list; a window of the list, positions [start, start + THREADS), is then expanded into
+// list_s in token order.
+struct TileList {
+    unsigned word_s[THREADS];
+    int offset_s[THREADS];
+    int warp_sum_s[WARPS];
+    int list_s[THREADS];
+};
+
+// Returns the list length. Ends with a barrier.
+__device__ __forceinline__ int count_tile_tokens(const unsigned* __restrict__ mask_tile, int words, TileList& tl) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const unsigned bits = tid < words ? __ldg(mask_tile + tid) : 0u;
+    const int count = __popc(bits);
+    int inclusive = count;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(FULL_MASK, inclusive, o);
+        if (lane >= o) inclusive += n;
+    }
+    if (lane == 31) tl.warp_sum_s[warp] = inclusive;
+    __syncthreads();
+    int before = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        const int s = tl.warp_sum_s[w];
+        before += (w < warp) ? s : 0;
+        total += s;
+    }
+    tl.word_s[tid] = bits;
+    tl.offset_s[tid] = before + inclusive - count;
+    __syncthreads();
+    return total;
+}
+
+// Fills list_s[0, min(THREADS, total - start)) with list positions [start, ...). Ends with a barrier.
+__device__ __forceinline__ void expand_tile_list(int words, int start, TileList& tl) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int w = warp; w < words; w += WARPS) {
+        const unsigned bits = tl.word_s[w];
+        const int first = tl.offset_s[w] - start;
+        if (first >= THREADS || first + __popc(bits) <= 0) continue;
+        if ((bits >> lane) & 1u) {
+            const int slot = first + __popc(bits & ((1u << lane) - 1u));
+            if (slot >= 0 && slot < THREADS) tl.list_s[slot] = w * 32 + lane;
+        }
+    }
+    __syncthreads();
+}
+
+// ---- forward ----
+template <typename T, int CPT>
+__device__ __forceinline__ void forward(const float* __restrict__ prep, const unsigned* __restrict__ masks,
+                                        T* __restrict__ out, int N, int C, int H, int W) {
+    __shared__ TileList tl;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int b = blockIdx.y;
+    const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
+    const int tx0 = (blockIdx.x % tiles_x) * TILE, ty0 = (blockIdx.x / tiles_x) * TILE;
+    const int gx0 = tx0 + (warp & 1) * 8, gy0 = ty0 + (warp >> 1) * 4;
+    const int x = gx0 + (lane & 7), y = gy0 + (lane >> 3);
+    const bool group_in_map = gx0 < W && gy0 < H;
+    const double step_x = grid_step(W), step_y = grid_step(H);
+    const Rect group = pixel_rect(min(gx0, W - 1), min(gy0, H - 1), 8, 4, W, H, step_x, step_y);
+    const float2 px = pixel_coord(x, step_x), py = pixel_coord(y, step_y);
+    const int words = (N + 31) >> 5;
+    const float* prep_b = prep + (size_t)b * N * (GEO_FLOATS + CPT);
+
+    float acc[CPT];
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) acc[k] = 0.0f;
+
+    const int total = count_tile_tokens(masks + ((size_t)b * num_tiles + blockIdx.x) * words, words, tl);
+    for (int start = 0; start < total; start += THREADS) {
+        expand_tile_list(words, start, tl);
+        const int count = min(THREADS, total - start);
+        if (group_in_map) {
+            for (int wb = 0; wb < count; wb += 32) {
+                const int j = wb + lane;
+                const bool touch = j < count && box_touches(load_geo(prep_row<CPT>(prep_b, tl.list_s[j])), group);
+                unsigned hits = __ballot_sync(FULL_MASK, touch);
+                while (hits) {
+                    const int jj = wb + __ffs(hits) - 1;
+                    hits &= hits - 1u;
+                    const float* row = prep_row<CPT>(prep_b, tl.list_s[jj]);
+                    const float g = pixel_weight(load_geo(row), px, py).g;
+                    const float4* f4 = reinterpret_cast<const float4*>(row + GEO_FLOATS);
+#pragma unroll
+                    for (int k4 = 0; k4 < CPT / 4; ++k4) {
+                        const float4 f = __ldg(f4 + k4);
+                        acc[4 * k4 + 0] = fmaf(g, f.x, acc[4 * k4 + 0]);
+                        acc[4 * k4 + 1] = fmaf(g, f.y, acc[4 * k4 + 1]);
+                        acc[4 * k4 + 2] = fmaf(g, f.z, acc[4 * k4 + 2]);
+                        acc[4 * k4 + 3] = fmaf(g, f.w, acc[4 * k4 + 3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // the next window overwrites the list
+    }
+    if (x < W && y < H) {
+        T* o = out + (size_t)b * C * H * W + (size_t)y * W + x;
+#pragma unroll
+        for (int k = 0; k < CPT; ++k)
+            if (k < C) o[(size_t)k * H * W] = from_float<T>(acc[k]);
+    }
+}
+
 // ---- backward ----
+
+// Pixels [lo, hi] of one axis (n pixels, tile starting at t0) that can lie inside a box centred at m with
+// half-width h: one pixel of slack on each side (the exact per-pixel test decides), clamped to the tile
+// and the map. In double for the same reason as tile_range; NaN leaves the whole tile.
+__device__ __forceinline__ int2 box_pixels(float m, float h, int n, int t0) {
+    const double scale = 0.5 * (n - 1);
+    const double lo = floor(((double)m - (double)h + 1.0) * scale) - 1.0;
+    const double hi = ceil(((double)m + (double)h + 1.0) * scale) + 1.0;
+    const double first = (double)t0, last = (double)(min(t0 + TILE, n) - 1);
+    return make_int2((int)fmin(fmax(lo, first), last + 1.0), (int)fmax(fmin(hi, last), first - 1.0));
+}
+
 // grad: (B, N, 5 + C) fp32. Non-deterministic mode: pre-zeroed, atomically accumulated.
 // Deterministic mode: a (B, tiles, N, 5 + C) buffer; only the entries of listed tokens are written.
 template <typename T, int CPT, bool DETERMINISTIC>
-__device__ __forceinline__ void backward(const T* __restrict__ tokens, const T* __restrict__ dout,
-                                         float* __restrict__ grad, int N, int C, int H, int W, float dmax) {
-    constexpr int ROUND = ROUND_SIZE(CPT);
-    constexpr int DSTRIDE = CPT + 4;  // padded row of the staged dL/dout: conflict-free float4 reads
+__device__ __forceinline__ void backward(const float* __restrict__ prep, const unsigned* __restrict__ masks,
+                                         const T* __restrict__ dout, float* __restrict__ grad, int N, int C,
+                                         int H, int W) {
+    constexpr int DSTRIDE = CPT + 4;  // padded row of the staged dL/dout: conflict-free float4 access
     extern __shared__ float4 smem4[];
-    Geo* geo_s = reinterpret_cast<Geo*>(smem4);
-    float* feat_s = reinterpret_cast<float*>(geo_s + ROUND);
-    float* dout_s = feat_s + ROUND * CPT;
-    __shared__ int idx_s[ROUND];
-    __shared__ int warp_count[WARPS];
+    float* dout_s = reinterpret_cast<float*>(smem4);  // THREADS rows (tile pixel ly * TILE + lx)
+    __shared__ TileList tl;
     __shared__ float2 col_s[TILE], row_s[TILE];  // pixel centres of the tile's columns and rows
-    __shared__ Rect group_s[WARPS];              // bounds of the tile's eight 8x4 pixel groups
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int b = blockIdx.y;
-    const int tiles_x = (W + TILE - 1) / TILE;
-    const int num_tiles = tiles_x * ((H + TILE - 1) / TILE);
+    const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
     const int tx0 = (blockIdx.x % tiles_x) * TILE, ty0 = (blockIdx.x / tiles_x) * TILE;
-    const double step_x = grid_step(W), step_y = grid_step(H);
-    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H, step_x, step_y);
     const int D = 5 + C;
-    if (tid < TILE) {
-        col_s[tid] = pixel_coord(tx0 + tid, step_x);
-        row_s[tid] = pixel_coord(ty0 + tid, step_y);
-    } else if (tid < TILE + WARPS) {
-        const int grp = tid - TILE;
-        const int gx0 = min(tx0 + (grp & 1) * 8, W - 1), gy0 = min(ty0 + (grp >> 1) * 4, H - 1);
-        group_s[grp] = pixel_rect(gx0, gy0, 8, 4, W, H, step_x, step_y);
-    }
+    const int words = (N + 31) >> 5;
+    if (tid < TILE) col_s[tid] = pixel_coord(tx0 + tid, grid_step(W));
+    else if (tid < 2 * TILE) row_s[tid - TILE] = pixel_coord(ty0 + tid - TILE, grid_step(H));
 
-    // Stage dL/dout of the tile: row p = 32 * group + lane, zeros outside the map and past C.
+    // Stage dL/dout of the tile, four channels per shared store; zeros outside the map and past C.
     {
-        const int x = tx0 + (warp & 1) * 8 + (lane & 7), y = ty0 + (warp >> 1) * 4 + (lane >> 3);
+        const int x = tx0 + (tid & (TILE - 1)), y = ty0 + tid / TILE;
         const bool in_map = x < W && y < H;
         const T* d = dout + (size_t)b * C * H * W + (size_t)y * W + x;
+        float4* row = reinterpret_cast<float4*>(dout_s + tid * DSTRIDE);
 #pragma unroll
-        for (int k = 0; k < CPT; ++k)
-            dout_s[tid * DSTRIDE + k] = (in_map && k < C) ? to_float(d[(size_t)k * H * W]) : 0.0f;
+        for (int k4 = 0; k4 < CPT / 4; ++k4) {
+            float v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int k = 4 * k4 + u;
+                v[u] = (in_map && k < C) ? to_float(d[(size_t)k * H * W]) : 0.0f;
+            }
+            row[k4] = make_float4(v[0], v[1], v[2], v[3]);
+        }
     }
 
-    const T* tok_b = tokens + (size_t)b * N * D;
-    for (int base = 0; base < N; base += ROUND) {
-        const int total = cull_round<T, CPT, ROUND>(tok_b, base, N, C, dmax, tile, geo_s, idx_s, feat_s, warp_count);
-        for (int j = warp; j < total; j += WARPS) {
-            const Geo gd = geo_s[j];
-            const float4* f4 = reinterpret_cast<const float4*>(feat_s + j * CPT);
+    const float* prep_b = prep + (size_t)b * N * (GEO_FLOATS + CPT);
+    // (count_tile_tokens' barriers also publish dout_s, col_s and row_s)
+    const int total = count_tile_tokens(masks + ((size_t)b * num_tiles + blockIdx.x) * words, words, tl);
+    for (int start = 0; start < total; start += THREADS) {
+        expand_tile_list(words, start, tl);
+        const int count = min(THREADS, total - start);
+        for (int j = warp; j < count; j += WARPS) {
+            const int i = tl.list_s[j];
+            const float* prow = prep_row<CPT>(prep_b, i);
+            const Geo gd = load_geo(prow);
+            const float4* f4 = reinterpret_cast<const float4*>(prow + GEO_FLOATS);
             float dfeat[CPT];
 #pragma unroll
             for (int k = 0; k < CPT; ++k) dfeat[k] = 0.0f;
             // per-lane sums, in token component order: sigma_x, sigma_y, rho, mu_x, mu_y (3 pad)
             float dgeo[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            for (int grp = 0; grp < WARPS; ++grp) {
-                const int gx0 = tx0 + (grp & 1) * 8, gy0 = ty0 + (grp >> 1) * 4;
-                if (gx0 >= W || gy0 >= H) continue;
-                if (!box_touches(gd, group_s[grp])) continue;
-                const Weight w = pixel_weight(gd, col_s[(grp & 1) * 8 + (lane & 7)], row_s[(grp >> 1) * 4 + (lane >> 3)]);
-                const float4* d4 = reinterpret_cast<const float4*>(dout_s + (grp * 32 + lane) * DSTRIDE);
-                float d[CPT];
-                float dg = 0.0f;  // dL/dg at this pixel = sum_k dout_k f_k
+            // The lanes walk the box's pixels in the tile, row-major, 32 at a time.
+            const int2 xs = box_pixels(gd.mx, gd.hx, W, tx0), ys = box_pixels(gd.my, gd.hy, H, ty0);
+            const int rw = xs.y - xs.x + 1, rh = ys.y - ys.x + 1;
+            if (rw > 0 && rh > 0) {
+                const int jump_x = 32 % rw, jump_y = 32 / rw;
+                int qx = lane % rw, qy = lane / rw;
+                while (qy < rh) {
+                    const int lx = xs.x - tx0 + qx, ly = ys.x - ty0 + qy;
+                    const Weight w = pixel_weight(gd, col_s[lx], row_s[ly]);
+                    const float4* d4 = reinterpret_cast<const float4*>(dout_s + (ly * TILE + lx) * DSTRIDE);
+                    float dg = 0.0f;  // dL/dg at this pixel = sum_k dout_k f_k
 #pragma unroll
-                for (int k4 = 0; k4 < CPT / 4; ++k4) {
-                    const float4 dv = d4[k4], f = f4[k4];
-                    d[4 * k4 + 0] = dv.x; d[4 * k4 + 1] = dv.y; d[4 * k4 + 2] = dv.z; d[4 * k4 + 3] = dv.w;
-                    dg = fmaf(dv.x, f.x, fmaf(dv.y, f.y, fmaf(dv.z, f.z, fmaf(dv.w, f.w, dg))));
+                    for (int k4 = 0; k4 < CPT / 4; ++k4) {
+                        const float4 dv = d4[k4], f = __ldg(f4 + k4);
+                        dg = fmaf(dv.x, f.x, fmaf(dv.y, f.y, fmaf(dv.z, f.z, fmaf(dv.w, f.w, dg))));
+                        dfeat[4 * k4 + 0] = fmaf(w.g, dv.x, dfeat[4 * k4 + 0]);
+                        dfeat[4 * k4 + 1] = fmaf(w.g, dv.y, dfeat[4 * k4 + 1]);
+                        dfeat[4 * k4 + 2] = fmaf(w.g, dv.z, dfeat[4 * k4 + 2]);
+                        dfeat[4 * k4 + 3] = fmaf(w.g, dv.w, dfeat[4 * k4 + 3]);
+                    }
+                    const float t = w.g * dg;  // = -dL/dq
+                    dgeo[0] = fmaf(t * w.e, w.ux, dgeo[0]);
+                    dgeo[1] = fmaf(t * w.ep, w.uy, dgeo[1]);
+                    dgeo[2] = fmaf(t * w.e, w.ep, dgeo[2]);
+                    dgeo[3] = fmaf(t, w.e, dgeo[3]);
+                    dgeo[4] = fmaf(t, w.ep, dgeo[4]);
+                    qx += jump_x;
+                    qy += jump_y;
+                    if (qx >= rw) {
+                        qx -= rw;
+                        ++qy;
+                    }
                 }
-#pragma unroll
-                for (int k = 0; k < CPT; ++k) dfeat[k] = fmaf(w.g, d[k], dfeat[k]);
-                const float t = w.g * dg;  // = -dL/dq
-                dgeo[0] = fmaf(t * w.e, w.ux, dgeo[0]);
-                dgeo[1] = fmaf(t * w.ep, w.uy, dgeo[1]);
-                dgeo[2] = fmaf(t * w.e, w.ep, dgeo[2]);
-                dgeo[3] = fmaf(t, w.e, dgeo[3]);
-                dgeo[4] = fmaf(t, w.ep, dgeo[4]);
             }
             transpose_reduce<CPT, 16>(dfeat, lane);
             transpose_reduce<8, 16>(dgeo, lane);
 
-            float* g_out = DETERMINISTIC ? grad + (((size_t)b * num_tiles + blockIdx.x) * N + idx_s[j]) * D
-                                         : grad + ((size_t)b * N + idx_s[j]) * D;
+            float* g_out = DETERMINISTIC ? grad + (((size_t)b * num_tiles + blockIdx.x) * N + i) * D
+                                         : grad + ((size_t)b * N + i) * D;
             // geometry: lane l holds component l / 4; scale by the chain-rule factors of the token
             const int comp = lane >> 2;
             if ((lane & 3) == 0 && comp < 5) {
@@ -359,10 +465,10 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const T* 
             }
             if constexpr (CPT >= 32) {
 #pragma unroll
-                for (int i = 0; i < CPT / 32; ++i) {
-                    const int k = (CPT / 32) * lane + i;
+                for (int u = 0; u < CPT / 32; ++u) {
+                    const int k = (CPT / 32) * lane + u;
                     if (k < C) {
-                        if (DETERMINISTIC) g_out[5 + k] = dfeat[i]; else atomicAdd(g_out + 5 + k, dfeat[i]);
+                        if (DETERMINISTIC) g_out[5 + k] = dfeat[u]; else atomicAdd(g_out + 5 + k, dfeat[u]);
                     }
                 }
             } else {
@@ -372,40 +478,32 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const T* 
                 }
             }
         }
-        __syncthreads();  // the next round overwrites the shared list
+        __syncthreads();  // the next window overwrites the list
     }
 }
 
 // ---- deterministic mode: sum the per-tile partial gradients of each token in tile order ----
-// One warp per (image, token). The tiles that listed a token are re-derived with the same
-// box_touches test the backward used, so unwritten buffer entries are never read.
-template <typename T>
-__device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const float* __restrict__ partial,
-                                             float* __restrict__ grad, int B, int N, int C, int H, int W,
-                                             float dmax) {
+// One warp per (image, token); the tiles that listed the token are those whose mask holds its bit.
+template <int CPT>
+__device__ __forceinline__ void reduce_tiles(const float* __restrict__ prep, const unsigned* __restrict__ masks,
+                                             const float* __restrict__ partial, float* __restrict__ grad, int B,
+                                             int N, int C, int H, int W) {
     const int lane = threadIdx.x & 31;
-    const long long item = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const long long item = (long long)blockIdx.x * WARPS + (threadIdx.x >> 5);
     if (item >= (long long)B * N) return;
     const int b = (int)(item / N), i = (int)(item % N);
     const int D = 5 + C;
-    const int tiles_x = (W + TILE - 1) / TILE, tiles_y = (H + TILE - 1) / TILE;
-    const Geo gd = make_geo(tokens + ((size_t)b * N + i) * D, dmax);
-    // candidate tile range from the box, one tile of slack each side (the exact test decides)
-    const float fx0 = ((gd.mx - gd.hx) + 1.0f) * 0.5f * (W - 1) / TILE, fx1 = ((gd.mx + gd.hx) + 1.0f) * 0.5f * (W - 1) / TILE;
-    const float fy0 = ((gd.my - gd.hy) + 1.0f) * 0.5f * (H - 1) / TILE, fy1 = ((gd.my + gd.hy) + 1.0f) * 0.5f * (H - 1) / TILE;
-    const int cx0 = (int)fminf(fmaxf(floorf(fx0) - 1.0f, 0.0f), (float)(tiles_x - 1));
-    const int cx1 = (int)fminf(fmaxf(floorf(fx1) + 1.0f, 0.0f), (float)(tiles_x - 1));
-    const int cy0 = (int)fminf(fmaxf(floorf(fy0) - 1.0f, 0.0f), (float)(tiles_y - 1));
-    const int cy1 = (int)fminf(fmaxf(floorf(fy1) + 1.0f, 0.0f), (float)(tiles_y - 1));
-    const int num_tiles = tiles_x * tiles_y;
-    const double step_x = grid_step(W), step_y = grid_step(H);
+    const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
+    const int words = (N + 31) >> 5;
+    const TileRange r = tile_range(load_geo(prep_row<CPT>(prep, (size_t)item)), H, W);
     for (int v0 = 0; v0 < D; v0 += 32) {
         const int v = v0 + lane;
         float sum = 0.0f;
-        for (int ty = cy0; ty <= cy1; ++ty)
-            for (int tx = cx0; tx <= cx1; ++tx) {
-                if (!box_touches(gd, pixel_rect(tx * TILE, ty * TILE, TILE, TILE, W, H, step_x, step_y))) continue;
-                if (v < D) sum += partial[(((size_t)b * num_tiles + ty * tiles_x + tx) * N + i) * D + v];
+        for (int ty = r.y0; ty <= r.y1; ++ty)
+            for (int tx = r.x0; tx <= r.x1; ++tx) {
+                const size_t tile = (size_t)b * num_tiles + ty * tiles_x + tx;
+                if (!((__ldg(masks + tile * words + (i >> 5)) >> (i & 31)) & 1u)) continue;
+                if (v < D) sum += partial[(tile * N + i) * D + v];
             }
         if (v < D) grad[((size_t)b * N + i) * D + v] = sum;
     }
@@ -413,23 +511,29 @@ __device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const
 
 // ---- entry points ----
 // The host appends one `SPLAT_INSTANTIATE(storage type, CPT)` line per compiled variant, so each
-// program holds only the four kernels one (dtype, channel padding) pair needs.
+// program holds only the five kernels one (dtype, channel padding) pair needs.
 #define SPLAT_INSTANTIATE(T, CPT)                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS)                          \
-        render_forward(const T* tokens, T* out, int N, int C, int H, int W, float dmax) {             \
-        forward<T, CPT>(tokens, out, N, C, H, W, dmax);                                                \
+    extern "C" __global__ void __launch_bounds__(THREADS) render_prepare(                             \
+        const T* tokens, float* prep, unsigned* masks, long long total, int N, int C, int H, int W,    \
+        float dmax) {                                                                                  \
+        prepare<T, CPT>(tokens, prep, masks, total, N, C, H, W, dmax);                                 \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) render_backward(        \
-        const T* tokens, const T* dout, float* grad, int N, int C, int H, int W, float dmax) {        \
-        backward<T, CPT, false>(tokens, dout, grad, N, C, H, W, dmax);                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS, FORWARD_MIN_BLOCKS)                            \
+        render_forward(const float* prep, const unsigned* masks, T* out, int N, int C, int H, int W) { \
+        forward<T, CPT>(prep, masks, out, N, C, H, W);                                                 \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS)                         \
-        render_backward_deterministic(                                                                 \
-        const T* tokens, const T* dout, float* partial, int N, int C, int H, int W, float dmax) {     \
-        backward<T, CPT, true>(tokens, dout, partial, N, C, H, W, dmax);                               \
+    extern "C" __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS) render_backward(           \
+        const float* prep, const unsigned* masks, const T* dout, float* grad, int N, int C, int H,     \
+        int W) {                                                                                       \
+        backward<T, CPT, false>(prep, masks, dout, grad, N, C, H, W);                                  \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS)                           \
+        render_backward_deterministic(const float* prep, const unsigned* masks, const T* dout,         \
+                                      float* partial, int N, int C, int H, int W) {                    \
+        backward<T, CPT, true>(prep, masks, dout, partial, N, C, H, W);                                \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) reduce_tile_gradients(                       \
-        const T* tokens, const float* partial, float* grad, int B, int N, int C, int H, int W,         \
-        float dmax) {                                                                                  \
-        reduce_tiles<T>(tokens, partial, grad, B, N, C, H, W, dmax);                                   \
+        const float* prep, const unsigned* masks, const float* partial, float* grad, int B, int N,     \
+        int C, int H, int W) {                                                                         \
+        reduce_tiles<CPT>(prep, masks, partial, grad, B, N, C, H, W);                                  \
     }
