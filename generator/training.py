@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenizer.engine import EngineConfig, NonFiniteLossError, TrainingEngine, build_config
@@ -35,7 +36,7 @@ from .spaces import STAGES, JointSpace, LayoutSpace, TextureSpace, space_from_di
 logger = logging.getLogger("gpstoken.train")
 
 __all__ = ["DataConfig", "OptimizerConfig", "FlowConfig", "PreviewConfig", "GeneratorRunConfig",
-           "build_space", "flow_loss", "heldout_loss", "train", "load_trained", "NonFiniteLossError"]
+           "build_space", "flow_loss", "heldout_loss", "seed_noise", "train", "load_trained", "NonFiniteLossError"]
 
 SPACE_FILE = "flow_space.json"
 EMA_FILE = "ema.safetensors"
@@ -179,6 +180,13 @@ def heldout_loss(model: FlowTransformer, space, batch: dict[str, torch.Tensor], 
     return total / repeats
 
 
+def seed_noise(seed: int, process_index: int) -> None:
+    """Seed this process's torch generators (flow noise and times, label dropout, layout noise) with a stream of
+    its own. The engine seeds every process alike, which makes the models start identical; left so, the processes
+    of a multi-GPU run would draw the same noise and times for their different samples."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, process_index]).generate_state(1, np.uint64)[0]))
+
+
 def _build_optimizer(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
     kind = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
     fused = {"fused": True} if torch.cuda.is_available() else {}
@@ -206,7 +214,8 @@ def train(config: GeneratorRunConfig, raw_config: dict[str, Any] | None = None, 
     optimizer = _build_optimizer(model, config.optimizer)
     model, optimizer = engine.prepare(model, optimizer)
     engine.track_ema(model)
-    start = engine.resume(resume)
+    seed_noise(config.engine.seed, engine.accelerator.process_index)
+    start = engine.resume(resume)  # a checkpoint brings back every process's random state
     dataset = TokenShardDataset(shards, random_variant=config.data.random_flip)
     batches = engine.batches(dataset, config.data.batch_size, config.data.num_workers, start_step=start)
     preview = None

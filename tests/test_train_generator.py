@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 import generator.training as training
 from generator.models import build_model
-from generator.shards import TokenShardDataset, TokenShards
+from generator.shards import ShardPlan, TokenShardDataset, TokenShards, finalize_shards, write_plan, write_shard
 from generator.spaces import JointSpace, LayoutSpace, canonical_order
 from generator.training import GeneratorRunConfig, NonFiniteLossError, build_space, heldout_loss, load_trained, train
 from tiny_generation import cached_shards, tiny_tokenizer
@@ -115,6 +116,33 @@ def test_layout_and_one_stage_spaces(tmp_path):
     tokens = joint.to_tokens(x)
     assert condition is None and torch.allclose(tokens.sort(dim=1).values, batch["tokens"].sort(dim=1).values,
                                                 atol=1e-4)
+
+
+@pytest.mark.slow
+def test_each_process_draws_its_own_noise(tmp_path):
+    """Every sample is the same image: were the noise, times and label dropout the same on both processes (the
+    engine seeds them alike), a 2-process step would see two copies of one 1-process batch and log its loss."""
+    source = TokenShards(cached_shards(20))
+    tokens, layout, label = source.sample(0)
+    plan = ShardPlan(num_samples=16, shard_size=16, num_tokens=source.plan.num_tokens,
+                     token_dim=source.plan.token_dim, num_classes=source.plan.num_classes)
+    write_plan(tmp_path / "shards", plan)
+    write_shard(tmp_path / "shards", plan, 0, np.broadcast_to(tokens, (16, 1, *tokens.shape)),
+                np.broadcast_to(layout, (16, 1, *layout.shape)), np.full(16, label))
+    finalize_shards(tmp_path / "shards")
+    settings = ("data.batch_size=4", "engine.max_steps=1", "engine.log_every=1")
+    config, raw = tiny_config(tmp_path, "one", tmp_path / "shards", *settings)
+    train(config, raw)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "generator" / "train_dit.py"),
+         "--config", str(REPO / "configs" / "dit_tiny.yaml"), f"data.shards={tmp_path / 'shards'}",
+         f"engine.output_dir={tmp_path / 'two'}", *settings],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in (tmp_path / "two" / "train.log").read_text()
+    one, two = (read_metrics(tmp_path / name)[0]["loss"] for name in ("one", "two"))
+    assert two != pytest.approx(one, rel=1e-3)
 
 
 def test_bad_configs_name_the_problem(tmp_path):
