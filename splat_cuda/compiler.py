@@ -1,23 +1,21 @@
-"""Run-time compilation of the splatting kernels with NVRTC, cached on disk.
+"""The splatting kernels' variants, compiled at run time with NVRTC and cached on disk (`splat_cuda.nvrtc`).
 
 There is no build step at install: the first call on a GPU compiles the variant it needs
 (`kernels/render.cu` plus one `SPLAT_INSTANTIATE(type, CPT)` line) for that GPU's own architecture,
-stores the cubin under the cache folder keyed by a hash of (source, options, architecture, NVRTC
-version), and every later process loads it from there. Compilation itself needs no GPU, which is
-how CPU-only CI checks that every variant compiles (`compile_variant`).
-
-Cache folder: `$SPLAT_CUDA_CACHE`, else `$XDG_CACHE_HOME/gpstoken/splat_cuda`, else
-`~/.cache/gpstoken/splat_cuda`.
+and every later process loads it from the cache (see `splat_cuda.nvrtc` for the folder). Compilation
+itself needs no GPU, which is how CPU-only CI checks that every variant compiles (`compile_variant`).
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from . import nvrtc
+from .nvrtc import allow_shared_memory as _allow_shared_memory
+from .nvrtc import cache_dir  # noqa: F401  (public here too)
+from .nvrtc import import_cuda_core as _import_cuda_core  # noqa: F401  (used by op.py)
 
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "render.cu"
 
@@ -42,19 +40,6 @@ MIN_BLOCKS = {4: (4, 3), 8: (4, 3), 16: (4, 3), 32: (3, 3), 64: (2, 2)}
 
 # Oldest architecture the kernels are written for (warp shuffles with masks, float atomics).
 MIN_COMPUTE_CAPABILITY = (7, 0)
-
-
-def _import_cuda_core():
-    try:
-        import cuda.core as core
-        if not hasattr(core, "Program"):
-            import cuda.core.experimental as core  # cuda.core < 1.0
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "splat_cuda's GPU renderer needs cuda-python (packages cuda-core and cuda-bindings, "
-            "the project's `cuda` extra); CPU tensors do not need it"
-        ) from err
-    return core
 
 
 def channel_padding(channels: int) -> int:
@@ -88,58 +73,19 @@ def variant_source(dtype_name: str, cpt: int) -> str:
             + KERNEL_SOURCE.read_text() + f"\nSPLAT_INSTANTIATE({STORAGE_TYPES[dtype_name]}, {cpt})\n")
 
 
-def _options(core, arch: str, syntax_only: bool = False):
-    return core.ProgramOptions(arch=arch, std="c++17", fdevice_syntax_only=True if syntax_only else None)
-
-
-def _nvrtc_version() -> str:
-    from cuda.bindings import nvrtc
-
-    err, major, minor = nvrtc.nvrtcVersion()
-    return f"{major}.{minor}"
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("SPLAT_CUDA_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpstoken" / "splat_cuda"
-
-
 def compile_variant(dtype_name: str, cpt: int, arch: str, *, syntax_only: bool = False) -> bytes:
     """Compile one kernel variant to a cubin for `arch` (e.g. "sm_90"); needs NVRTC, not a GPU.
 
     With `syntax_only`, NVRTC only parses and instantiates the templates (fast; no code).
     """
-    core = _import_cuda_core()
-    source = variant_source(dtype_name, cpt)
-    options = _options(core, arch, syntax_only)
-    try:
-        code = core.Program(source, "c++", options).compile("cubin")
-    except Exception as err:
-        raise RuntimeError(f"NVRTC failed to compile splat_cuda {dtype_name}/c{cpt} for {arch}: {err}") from err
-    return bytes(code.code) if not syntax_only else b""
+    return nvrtc.compile_source(variant_source(dtype_name, cpt), arch, name=f"splat_cuda {dtype_name}/c{cpt}",
+                                syntax_only=syntax_only)
 
 
 def cached_cubin(dtype_name: str, cpt: int, arch: str) -> bytes:
     """The cubin of a variant, from the disk cache or compiled (and then stored) on a miss."""
-    core = _import_cuda_core()
-    source = variant_source(dtype_name, cpt)
-    key_text = "\n".join([source, repr(_options(core, arch)), arch, _nvrtc_version()])
-    key = hashlib.sha256(key_text.encode()).hexdigest()
-    folder = cache_dir()
-    path = folder / f"render_{dtype_name}_c{cpt}_{arch}_{key[:24]}.cubin"
-    if path.is_file():
-        return path.read_bytes()
-    cubin = compile_variant(dtype_name, cpt, arch)
-    folder.mkdir(parents=True, exist_ok=True)
-    # write-then-rename, so a concurrent reader never sees half a file
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(cubin)
-    os.replace(tmp, path)
-    return cubin
+    return nvrtc.cached_cubin(variant_source(dtype_name, cpt), arch, f"render_{dtype_name}_c{cpt}",
+                              build=lambda: compile_variant(dtype_name, cpt, arch))
 
 
 @dataclass(frozen=True)
@@ -154,59 +100,23 @@ class KernelSet:
     cpt: int
 
 
-_load_lock = threading.Lock()
-
-
 def device_arch(device_index: int) -> str:
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device_index)
-    if (major, minor) < MIN_COMPUTE_CAPABILITY:
-        name = torch.cuda.get_device_name(device_index)
-        raise RuntimeError(
-            f"splat_cuda needs a GPU of compute capability >= {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]}, "
-            f"{name} has {major}.{minor}"
-        )
-    return f"sm_{major}{minor}"
-
-
-def _allow_shared_memory(kernel, nbytes: int, device_index: int) -> None:
-    """Allow a kernel `nbytes` of dynamic shared memory (beyond 48 KB needs this opt-in).
-
-    The L1/shared carveout is left to the driver: forcing the largest shared-memory carveout
-    measured slower at N = 4096, where the per-round token reads hit L1.
-    """
-    from cuda.bindings import driver
-
-    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    handle = kernel.handle
-    if isinstance(handle, driver.CUkernel):  # library-loaded kernel (cuda.core >= 0.3)
-        (err,) = driver.cuKernelSetAttribute(attribute, nbytes, handle, driver.CUdevice(device_index))
-    else:
-        (err,) = driver.cuFuncSetAttribute(handle, attribute, nbytes)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"splat_cuda: cannot grant {nbytes} bytes of shared memory to a kernel ({err})")
+    return nvrtc.device_arch(device_index, MIN_COMPUTE_CAPABILITY, "splat_cuda")
 
 
 @lru_cache(maxsize=None)
 def load_kernels(device_index: int, dtype_name: str, cpt: int) -> KernelSet:
     """Compile (or fetch from the cache) and load one variant on a device."""
-    core = _import_cuda_core()
-    with _load_lock:
-        device = core.Device(device_index)
-        device.set_current()
-        cubin = cached_cubin(dtype_name, cpt, device_arch(device_index))
-        module = core.ObjectCode.from_cubin(cubin)
-        names = ("render_prepare", "render_forward", "render_backward", "render_backward_deterministic",
-                 "reduce_tile_gradients")
-        kernels = {name: module.get_kernel(name) for name in names}
-        for name in ("render_backward", "render_backward_deterministic"):
-            _allow_shared_memory(kernels[name], shared_memory_bytes(cpt), device_index)
-        return KernelSet(
-            prepare=kernels["render_prepare"],
-            forward=kernels["render_forward"],
-            backward=kernels["render_backward"],
-            backward_deterministic=kernels["render_backward_deterministic"],
-            reduce_tile_gradients=kernels["reduce_tile_gradients"],
-            cpt=cpt,
-        )
+    names = ("render_prepare", "render_forward", "render_backward", "render_backward_deterministic",
+             "reduce_tile_gradients")
+    kernels = nvrtc.load_module(device_index, lambda: cached_cubin(dtype_name, cpt, device_arch(device_index)), names)
+    for name in ("render_backward", "render_backward_deterministic"):
+        _allow_shared_memory(kernels[name], shared_memory_bytes(cpt), device_index)
+    return KernelSet(
+        prepare=kernels["render_prepare"],
+        forward=kernels["render_forward"],
+        backward=kernels["render_backward"],
+        backward_deterministic=kernels["render_backward_deterministic"],
+        reduce_tile_gradients=kernels["reduce_tile_gradients"],
+        cpt=cpt,
+    )
