@@ -114,13 +114,14 @@ def _layout_source(args, parser, space, tokenizer_config, device):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
     from accelerate import Accelerator
 
     from tokenizer.official import load_released
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU processes of a launch then talk through gloo
     device = accelerator.device
     model, space = _load_generator(args, device)
     tokenizer = load_released(args.tokenizer_weights, args.tokenizer).to(device).eval()

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +127,29 @@ def test_compiled_sampling_equals_eager(setup):
                                             compile=compile)
         results.append(generator.tokens([0, 1, 2], [0, 1, 2]))
     assert torch.allclose(results[0], results[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_chunks_and_match_one(setup):
+    """`accelerate launch` of sample.py on 1 and on 2 CPU processes (gloo): the processes split the chunks, and
+    the samples are the same bits (one thread each, so even CPU float sums run in the same order)."""
+    outputs = {n: setup["root"] / f"launched_{n}" for n in (1, 2)}
+    logs = {}
+    for processes, output in outputs.items():
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                   *(["--multi_gpu"] if processes > 1 else []), "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", str(REPO / "generator" / "sample.py"), "--generator", str(setup["texture"]),
+                   *setup["tokenizer"], "--output", str(output), "--method", "sde", "--steps", "4", "--seed", "3",
+                   "--layout", "shards", "--shards", str(setup["shards"]), "--per-class", "2", "--batch-size", "2",
+                   "--chunk-size", "2"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[processes] = result
+    assert "sample[1]" in logs[2].stderr and "sample[1]" not in logs[1].stderr  # the second process sampled too
+    assert logs[2].stdout.count("samples:") == 1  # and only the main process merged
+    with np.load(outputs[1] / "samples.npz") as one, np.load(outputs[2] / "samples.npz") as two:
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
 
 
 def test_two_stage_with_the_layout_model(setup):
