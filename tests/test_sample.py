@@ -138,8 +138,9 @@ def test_two_processes_share_the_chunks_and_match_one(setup):
     for processes, output in outputs.items():
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                    *(["--multi_gpu"] if processes > 1 else []), "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", str(REPO / "generator" / "sample.py"), "--generator", str(setup["texture"]),
-                   *setup["tokenizer"], "--output", str(output), "--method", "sde", "--steps", "4", "--seed", "3",
+                   "--dynamo_backend", "no", str(REPO / "generator" / "sample.py"),
+                   "--generator", str(setup["texture"]), *setup["tokenizer"], "--output", str(output),
+                   "--method", "sde", "--steps", "4", "--seed", "3",
                    "--layout", "shards", "--shards", str(setup["shards"]), "--per-class", "2", "--batch-size", "2",
                    "--chunk-size", "2"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
