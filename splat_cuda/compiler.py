@@ -15,7 +15,6 @@ from pathlib import Path
 from . import nvrtc
 from .nvrtc import allow_shared_memory as _allow_shared_memory
 from .nvrtc import cache_dir  # noqa: F401  (public here too)
-from .nvrtc import import_cuda_core as _import_cuda_core  # noqa: F401  (used by op.py)
 
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "render.cu"
 
@@ -26,10 +25,11 @@ MAX_CHANNELS = CHANNEL_PADDINGS[-1]
 # Storage type of each supported token dtype, by the name used in the kernel source.
 STORAGE_TYPES = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t"}
 
-# Must match the kernel source: 16x16 pixel tiles, 256 threads per block, a tile's token list built from at
+# Must match the kernel source: 16x16 pixel tiles, 256 threads per block (64 for the prepare kernel), a tile's token list built from at
 # most THREADS 32-bit mask words, a `prep` row of 8 geometry floats before the padded features.
 TILE = 16
 THREADS = 256
+PREPARE_THREADS = 64
 MAX_TOKENS = 32 * THREADS
 GEO_FLOATS = 8
 
@@ -50,9 +50,10 @@ def channel_padding(channels: int) -> int:
     raise ValueError(f"the CUDA renderer handles at most {MAX_CHANNELS} channels, got {channels}")
 
 
-def shared_memory_bytes(cpt: int) -> int:
-    """Dynamic shared memory of one backward block: the tile's dL/dout, rows padded by 4 floats."""
-    return THREADS * (cpt + 4) * 4
+def shared_memory_bytes(cpt: int, backward: bool) -> int:
+    """Dynamic shared memory of one block: forward, the prep rows of up to THREADS listed tokens; backward, the
+    tile's dL/dout (rows padded by 4 floats)."""
+    return THREADS * (cpt + 4 if backward else GEO_FLOATS + cpt) * 4
 
 
 def min_blocks(cpt: int) -> tuple[int, int]:
@@ -110,8 +111,9 @@ def load_kernels(device_index: int, dtype_name: str, cpt: int) -> KernelSet:
     names = ("render_prepare", "render_forward", "render_backward", "render_backward_deterministic",
              "reduce_tile_gradients")
     kernels = nvrtc.load_module(device_index, lambda: cached_cubin(dtype_name, cpt, device_arch(device_index)), names)
-    for name in ("render_backward", "render_backward_deterministic"):
-        _allow_shared_memory(kernels[name], shared_memory_bytes(cpt), device_index)
+    for name, backward in (("render_forward", False), ("render_backward", True),
+                           ("render_backward_deterministic", True)):
+        _allow_shared_memory(kernels[name], shared_memory_bytes(cpt, backward), device_index)
     return KernelSet(
         prepare=kernels["render_prepare"],
         forward=kernels["render_forward"],

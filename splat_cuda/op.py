@@ -18,17 +18,16 @@ tile order, which makes gradients bitwise repeatable.
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
+from . import nvrtc
 from .compiler import (
     GEO_FLOATS,
     MAX_TOKENS,
+    PREPARE_THREADS,
     THREADS,
     TILE,
-    _import_cuda_core,
     channel_padding,
     load_kernels,
     shared_memory_bytes,
@@ -43,36 +42,9 @@ def _tiles(height: int, width: int) -> int:
     return ((height + TILE - 1) // TILE) * ((width + TILE - 1) // TILE)
 
 
-class _Launcher:
-    """Launches kernels on PyTorch's current stream of a tensor's device.
-
-    cuda.core wants the device's (primary) context current on the calling thread; autograd runs the
-    backward on its own threads, so each thread makes it current once per device.
-    """
-
-    def __init__(self) -> None:
-        self._core = _import_cuda_core()
-        self._thread = threading.local()
-
-    def __call__(self, kernel, device: torch.device, grid: tuple[int, int], shmem: int, *args) -> None:
-        core = self._core
-        ready = self._thread.__dict__.setdefault("devices", set())
-        if device.index not in ready:
-            core.Device(device.index).set_current()
-            ready.add(device.index)
-        stream = core.Stream.from_handle(torch.cuda.current_stream(device).cuda_stream)
-        config = core.LaunchConfig(grid=(grid[0], grid[1], 1), block=(THREADS, 1, 1), shmem_size=shmem)
-        core.launch(stream, config, kernel, *args)
-
-
-_launcher: _Launcher | None = None
-
-
-def _launch(kernel, device: torch.device, grid: tuple[int, int], shmem: int, *args) -> None:
-    global _launcher
-    if _launcher is None:
-        _launcher = _Launcher()
-    _launcher(kernel, device, grid, shmem, *args)
+def _launch(kernel, device: torch.device, grid: tuple[int, int], shmem: int, *args,
+            block: int = THREADS) -> None:
+    nvrtc.launch(kernel, device.index, (grid[0], grid[1], 1), (block, 1, 1), shmem, *args)
 
 
 def _kernels(tokens: torch.Tensor):
@@ -114,10 +86,10 @@ def render_forward(tokens: torch.Tensor, height: int, width: int, dmax: float,
         return out.zero_(), prep, masks
     sizes = (np.int32(num), np.int32(dim - 5), np.int32(height), np.int32(width))
     with torch.cuda.device(tokens.device):
-        _launch(kernels.prepare, tokens.device, ((batch * num + THREADS - 1) // THREADS, 1), 0,
+        _launch(kernels.prepare, tokens.device, ((batch * num + PREPARE_THREADS - 1) // PREPARE_THREADS, 1), 0,
                 tokens.data_ptr(), prep.data_ptr(), masks.data_ptr(), np.int64(batch * num), *sizes,
-                np.float32(dmax))
-        _launch(kernels.forward, tokens.device, (_tiles(height, width), batch), 0,
+                np.float32(dmax), block=PREPARE_THREADS)
+        _launch(kernels.forward, tokens.device, (_tiles(height, width), batch), shared_memory_bytes(kernels.cpt, False),
                 prep.data_ptr(), masks.data_ptr(), out.data_ptr(), *sizes)
     return out, prep, masks
 
@@ -146,7 +118,7 @@ def render_backward(tokens: torch.Tensor, prep: torch.Tensor, masks: torch.Tenso
         return torch.zeros_like(tokens)
     kernels = _kernels(tokens)
     tiles = _tiles(height, width)
-    shmem = shared_memory_bytes(kernels.cpt)
+    shmem = shared_memory_bytes(kernels.cpt, True)
     sizes = (np.int32(num), np.int32(dim - 5), np.int32(height), np.int32(width))
     with torch.cuda.device(tokens.device):
         if deterministic:

@@ -30,6 +30,8 @@
 #define TILE 16
 #define THREADS 256
 #define WARPS 8
+// Threads per block of the prepare kernel (one token each): small blocks spread a batch over every SM.
+#define PREPARE_THREADS 64
 // A tile's token list is built from at most THREADS mask words: N <= 32 * THREADS tokens
 // (splat_cuda/compiler.py mirrors this).
 #define MAX_TOKENS (32 * THREADS)
@@ -198,6 +200,15 @@ __device__ __forceinline__ const float* prep_row(const float* prep, size_t token
     return prep + token * (GEO_FLOATS + CPT);
 }
 
+__device__ __forceinline__ Geo shared_geo(const float* row) {
+    const float4 a = reinterpret_cast<const float4*>(row)[0];
+    const float4 b = reinterpret_cast<const float4*>(row)[1];
+    Geo g;
+    g.mx = a.x; g.my = a.y; g.hx = a.z; g.hy = a.w;
+    g.isx = b.x; g.isy = b.y; g.rho = b.z; g.hinv = b.w;
+    return g;
+}
+
 __device__ __forceinline__ Geo load_geo(const float* row) {
     const float4 a = __ldg(reinterpret_cast<const float4*>(row));
     const float4 b = __ldg(reinterpret_cast<const float4*>(row) + 1);
@@ -211,8 +222,8 @@ template <typename T, int CPT>
 __device__ __forceinline__ void prepare(const T* __restrict__ tokens, float* __restrict__ prep,
                                         unsigned* __restrict__ masks, long long total, int N, int C, int H, int W,
                                         float dmax) {
-    const int lane = threadIdx.x & 31;
-    const long long item = (long long)blockIdx.x * THREADS + threadIdx.x;
+    const long long first = (long long)blockIdx.x * PREPARE_THREADS;
+    const long long item = first + threadIdx.x;
     const int D = 5 + C;
     if (item < total) {
         const Geo g = make_geo(tokens + item * D, dmax);
@@ -229,12 +240,13 @@ __device__ __forceinline__ void prepare(const T* __restrict__ tokens, float* __r
                 if (box_touches(g, pixel_rect(tx * TILE, ty * TILE, TILE, TILE, W, H, step_x, step_y)))
                     atomicOr(masks + ((size_t)b * num_tiles + ty * tiles_x + tx) * words + (i >> 5), 1u << (i & 31));
     }
-    // features: the warp copies its 32 tokens' rows one after the other, lane = channel (coalesced)
-    const long long first = item - lane;
-    for (int t = 0; t < 32 && first + t < total; ++t) {
-        const T* src = tokens + (first + t) * D + 5;
-        float* dst = prep + (first + t) * (GEO_FLOATS + CPT) + GEO_FLOATS;
-        for (int k = lane; k < CPT; k += 32) dst[k] = (k < C) ? to_float(src[k]) : 0.0f;
+    // features of the block's tokens: consecutive threads copy consecutive channels (independent loads)
+#pragma unroll 4
+    for (int e = threadIdx.x; e < PREPARE_THREADS * CPT; e += PREPARE_THREADS) {
+        const long long token = first + e / CPT;
+        const int k = e % CPT;
+        if (token < total)
+            prep[token * (GEO_FLOATS + CPT) + GEO_FLOATS + k] = (k < C) ? to_float(tokens[token * D + 5 + k]) : 0.0f;
     }
 }
 
@@ -294,6 +306,9 @@ __device__ __forceinline__ void expand_tile_list(int words, int start, TileList&
 template <typename T, int CPT>
 __device__ __forceinline__ void forward(const float* __restrict__ prep, const unsigned* __restrict__ masks,
                                         T* __restrict__ out, int N, int C, int H, int W) {
+    constexpr int ROW = GEO_FLOATS + CPT;
+    extern __shared__ float4 smem4[];
+    const float* rows_s = reinterpret_cast<const float*>(smem4);  // the listed tokens' prep rows
     __shared__ TileList tl;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int b = blockIdx.y;
@@ -316,20 +331,25 @@ __device__ __forceinline__ void forward(const float* __restrict__ prep, const un
     for (int start = 0; start < total; start += THREADS) {
         expand_tile_list(words, start, tl);
         const int count = min(THREADS, total - start);
+#pragma unroll 4
+        for (int t = tid; t < count * (ROW / 4); t += THREADS)
+            smem4[t] = __ldg(reinterpret_cast<const float4*>(prep_row<CPT>(prep_b, tl.list_s[t / (ROW / 4)])) +
+                             t % (ROW / 4));
+        __syncthreads();
         if (group_in_map) {
             for (int wb = 0; wb < count; wb += 32) {
                 const int j = wb + lane;
-                const bool touch = j < count && box_touches(load_geo(prep_row<CPT>(prep_b, tl.list_s[j])), group);
+                const bool touch = j < count && box_touches(shared_geo(rows_s + j * ROW), group);
                 unsigned hits = __ballot_sync(FULL_MASK, touch);
                 while (hits) {
                     const int jj = wb + __ffs(hits) - 1;
                     hits &= hits - 1u;
-                    const float* row = prep_row<CPT>(prep_b, tl.list_s[jj]);
-                    const float g = pixel_weight(load_geo(row), px, py).g;
+                    const float* row = rows_s + jj * ROW;
+                    const float g = pixel_weight(shared_geo(row), px, py).g;
                     const float4* f4 = reinterpret_cast<const float4*>(row + GEO_FLOATS);
 #pragma unroll
                     for (int k4 = 0; k4 < CPT / 4; ++k4) {
-                        const float4 f = __ldg(f4 + k4);
+                        const float4 f = f4[k4];
                         acc[4 * k4 + 0] = fmaf(g, f.x, acc[4 * k4 + 0]);
                         acc[4 * k4 + 1] = fmaf(g, f.y, acc[4 * k4 + 1]);
                         acc[4 * k4 + 2] = fmaf(g, f.z, acc[4 * k4 + 2]);
@@ -361,6 +381,15 @@ __device__ __forceinline__ int2 box_pixels(float m, float h, int n, int t0) {
     return make_int2((int)fmin(fmax(lo, first), last + 1.0), (int)fmax(fmin(hi, last), first - 1.0));
 }
 
+// A shared-memory load the compiler may not hoist out of a loop (it would keep CPT features in registers and
+// spill the gradient accumulators).
+__device__ __forceinline__ float4 load_shared_volatile(const float4* p) {
+    float4 v;
+    const unsigned address = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(address));
+    return v;
+}
+
 // grad: (B, N, 5 + C) fp32. Non-deterministic mode: pre-zeroed, atomically accumulated.
 // Deterministic mode: a (B, tiles, N, 5 + C) buffer; only the entries of listed tokens are written.
 template <typename T, int CPT, bool DETERMINISTIC>
@@ -372,6 +401,7 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
     float* dout_s = reinterpret_cast<float*>(smem4);  // THREADS rows (tile pixel ly * TILE + lx)
     __shared__ TileList tl;
     __shared__ float2 col_s[TILE], row_s[TILE];  // pixel centres of the tile's columns and rows
+    __shared__ float4 feat_s[WARPS][CPT / 4];    // each warp's current token's features
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int b = blockIdx.y;
@@ -410,7 +440,10 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
             const int i = tl.list_s[j];
             const float* prow = prep_row<CPT>(prep_b, i);
             const Geo gd = load_geo(prow);
-            const float4* f4 = reinterpret_cast<const float4*>(prow + GEO_FLOATS);
+            __syncwarp();  // every lane is done with the previous token's features
+            if (lane < CPT / 4) feat_s[warp][lane] = __ldg(reinterpret_cast<const float4*>(prow + GEO_FLOATS) + lane);
+            __syncwarp();
+            const float4* f4 = feat_s[warp];
             float dfeat[CPT];
 #pragma unroll
             for (int k = 0; k < CPT; ++k) dfeat[k] = 0.0f;
@@ -429,7 +462,7 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
                     float dg = 0.0f;  // dL/dg at this pixel = sum_k dout_k f_k
 #pragma unroll
                     for (int k4 = 0; k4 < CPT / 4; ++k4) {
-                        const float4 dv = d4[k4], f = __ldg(f4 + k4);
+                        const float4 dv = d4[k4], f = load_shared_volatile(f4 + k4);
                         dg = fmaf(dv.x, f.x, fmaf(dv.y, f.y, fmaf(dv.z, f.z, fmaf(dv.w, f.w, dg))));
                         dfeat[4 * k4 + 0] = fmaf(w.g, dv.x, dfeat[4 * k4 + 0]);
                         dfeat[4 * k4 + 1] = fmaf(w.g, dv.y, dfeat[4 * k4 + 1]);
@@ -513,7 +546,7 @@ __device__ __forceinline__ void reduce_tiles(const float* __restrict__ prep, con
 // The host appends one `SPLAT_INSTANTIATE(storage type, CPT)` line per compiled variant, so each
 // program holds only the five kernels one (dtype, channel padding) pair needs.
 #define SPLAT_INSTANTIATE(T, CPT)                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) render_prepare(                             \
+    extern "C" __global__ void __launch_bounds__(PREPARE_THREADS) render_prepare(                     \
         const T* tokens, float* prep, unsigned* masks, long long total, int N, int C, int H, int W,    \
         float dmax) {                                                                                  \
         prepare<T, CPT>(tokens, prep, masks, total, N, C, H, W, dmax);                                 \
