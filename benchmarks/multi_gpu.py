@@ -1,8 +1,12 @@
 """Multi-GPU checks of the generator on one host with >= 2 GPUs: one command, each step time-limited and logged.
 
-    python3 benchmarks/multi_gpu.py --output DIR [--gpus 2] [--budget 420] [--skip tokenizer] [--dit-compile]
+    python3 benchmarks/multi_gpu.py --output $OUT/multi_gpu [--gpus 2] [--budget 420] [--skip tokenizer] [--dit-compile]
+    python3 benchmarks/multi_gpu.py --output /tmp/mg --allow-cpu --steps 200 --batch 32 --samples 1024 \
+        --skip throughput tokenizer                          # CPU smoke test of steps 1-2 (about 2.5 min on 2 cores)
 
-Steps, in this order (a step that fails or runs out of time is recorded and the next one starts):
+Steps, in this order (a step that fails or runs out of time is recorded and the next one starts; the steps share
+`--budget` seconds, a step left with < 20 s is skipped). Estimated on 2 H200s: curves 1 min, sampling 1 min,
+throughput 2 min eager (add ~80 s per run for `--dit-compile`), tokenizer 1.5 min.
 
 1. curves: the real `generator/train_dit.py` under `accelerate launch` on 1 GPU and on `--gpus` GPUs, same seed,
    same token shards, same GLOBAL batch (`data.batch_size` is per process, so it is `--batch / gpus` on the multi-GPU
@@ -16,15 +20,17 @@ Steps, in this order (a step that fails or runs out of time is recorded and the 
 2. sampling: `generator/sample.py` (tiny texture model trained in step 1, random-weight `gpstoken_tiny32` tokenizer,
    real layouts from the shards, SDE) with 1 process and with `--gpus` processes, same seed; samples.npz, layouts.npz
    and the PNGs of the two runs are compared (bitwise, else the largest pixel difference and how many differ).
-3. throughput: `benchmarks/dit_train.py` (SiT-XL, 128 tokens, batch 256 per GPU, bf16) once with `--gpus 1` and
-   once with `--gpus N`; scaling efficiency = (images/s on N) / (N x images/s on 1). Eager unless `--dit-compile`
-   (compilation costs about 80 s per run, see benchmarks/RESULTS.md).
+3. throughput: `benchmarks/dit_train.py` (SiT-XL, 128 tokens, batch 256 per GPU, bf16, `--dit-steps` steps of which
+   the first `--dit-warmup` are not timed) once with `--gpus 1` and once with `--gpus N`; scaling efficiency =
+   (images/s on N) / (N x images/s on 1). Eager unless `--dit-compile` (compiling costs about 80 s per run, see
+   benchmarks/RESULTS.md).
 4. tokenizer: `benchmarks/tokenizer_train.py --gpus N --precisions bf16 --steps 30 --warmup 10` (M128, batch 16
    per GPU, all losses); it needs the scikit-image photos on the machine (`data.source=photos`).
 
 Everything is generated here: no dataset or weights are needed. Needs diffusers (the engine's EMA) importable.
-Written to DIR: summary.md (the table), results.json (every number), curves.png, logs.tgz (one log per command plus
-the step outputs). Scratch (shards, runs, samples) lives in `--work` (default a temporary folder, deleted at the end).
+Written to DIR (a folder of its own: it holds a `logs/` folder while running): summary.md (the table), results.json
+(every number), curves.png, logs.tgz (one log per command plus the step outputs). Scratch (shards, runs, samples)
+lives in `--work` (default a temporary folder, deleted at the end).
 `--allow-cpu` runs the same commands as CPU processes (gloo) for a smoke test on a machine without GPUs.
 """
 from __future__ import annotations
