@@ -9,7 +9,8 @@ only here, so the speed ratio is measured in one run on one machine; `tests/test
 as an independent oracle on random inputs.
 
 Run on one core:  taskset -c 0 python benchmarks/partition.py [--images 32] [--batch 32]
-With a CUDA device it also times the batched PyTorch partition (`tokenizer.partition_torch`, issue 5).
+With a CUDA device it also times the batched GPU partition (issue 5): `entropy_partition_torch` with its CUDA
+kernel (`tokenizer.partition_cuda`, one launch per batch) and with its PyTorch loop, in the same run.
 """
 from __future__ import annotations
 
@@ -118,20 +119,24 @@ def timed(function, repeats: int = 1) -> tuple[float, float]:
     return best_cpu, best_wall
 
 
-def time_torch_partition(device: str, batch: int, num_tokens: int, repeats: int = 3) -> float:
-    """Images per second of `entropy_partition_torch` on `device` (wall time, synchronised), batch of photos."""
+def time_torch_partition(device: str, batch: int, num_tokens: int, repeats: int = 3, *, cuda_kernel: bool = True
+                         ) -> float:
+    """Images per second of `entropy_partition_torch` on `device` (wall time, synchronised), batch of photos.
+
+    cuda_kernel: on CUDA, the one-launch kernel (True) or the PyTorch loop (False).
+    """
     import torch
 
     from tokenizer.partition_torch import entropy_partition_torch
 
     images = torch.from_numpy(load_photos(batch)).to(device)
-    entropy_partition_torch(images, num_tokens)  # warm-up (kernels, allocator)
+    entropy_partition_torch(images, num_tokens, cuda_kernel=cuda_kernel)  # warm-up (compilation, allocator)
     best = float("inf")
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        entropy_partition_torch(images, num_tokens)
+        entropy_partition_torch(images, num_tokens, cuda_kernel=cuda_kernel)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
@@ -145,9 +150,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size of entropy_partition_batch")
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torch-batch", type=int, default=1024, help="batch of the PyTorch partition on CUDA")
+    parser.add_argument("--torch-batch", type=int, default=1024, help="batch of the GPU partitions")
+    parser.add_argument("--gpu-only", action="store_true", help="time only the GPU partitions")
     args = parser.parse_args()
     cv2.setNumThreads(1)
+    if args.gpu_only:
+        time_gpu_partitions(args.torch_batch, args.tokens)
+        return
     photos = load_photos(max(args.images, args.baseline_images))
 
     kernel = _partition_native.load()
@@ -192,15 +201,27 @@ def main() -> None:
                 f"| {base_ms / single_ms:.1f}x / {base_ms / batch_ms:.1f}x | {released_text} |"
             )
 
+    time_gpu_partitions(args.torch_batch, args.tokens)
+
+
+def time_gpu_partitions(batch: int, token_counts: list[int]) -> None:
+    """images/s of the GPU partition with its CUDA kernel and with its PyTorch loop (issue 5: >= 5,000 img/s)."""
     import torch
 
+    from tokenizer import partition_cuda
+
     if not torch.cuda.is_available():
-        print("PyTorch partition (issue 5): skipped, no CUDA device")
+        print("GPU partition (issue 5): skipped, no CUDA device")
         return
-    for num_tokens in args.tokens:
-        rate = time_torch_partition("cuda", args.torch_batch, num_tokens)
-        print(f"PyTorch partition on {torch.cuda.get_device_name()}: {num_tokens} tokens, batch {args.torch_batch}: "
-              f"{rate:.0f} img/s")
+    print(f"GPU partition on {torch.cuda.get_device_name()}, batch {batch} of 256x256 photos, wall time synchronised:")
+    print("| tokens | CUDA kernel | PyTorch loop | kernel / loop |")
+    print("|---|---|---|---|")
+    if not partition_cuda.supported(torch.device("cuda"), 256, max(token_counts)):
+        raise SystemExit("the CUDA partition kernel cannot run here (cuda-python missing, or too little shared memory)")
+    for num_tokens in token_counts:
+        kernel = time_torch_partition("cuda", batch, num_tokens)
+        loop = time_torch_partition("cuda", batch, num_tokens, cuda_kernel=False)
+        print(f"| {num_tokens} | {kernel:.0f} img/s | {loop:.0f} img/s | {kernel / loop:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

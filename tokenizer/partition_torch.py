@@ -11,6 +11,10 @@ additions), the magnitude and the exact bin edges. What may differ in the last b
 entropy (the device's reduction order is not numpy's pairwise one) and the fused multiply-add emulation (a
 double rounding in rare halfway cases). Such last-bit differences only matter between regions whose scores
 tie to about 1e-15, so nearly all partitions are identical to the reference (tests/test_partition.py).
+
+On a GPU the loop of this module is a long chain of small kernels per step; `tokenizer.partition_cuda` runs the
+whole loop as one CUDA kernel instead, and `entropy_partition_torch` uses it where it can. This module's loop stays
+the CPU path and the reference it is tested against.
 """
 from __future__ import annotations
 
@@ -29,38 +33,67 @@ from tokenizer.partition import (
 )
 
 
-def entropy_partition_torch(
-    images: torch.Tensor, num_tokens: int, *, min_size: int = 8, weight: float = 2.5, tile_size: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partition uint8 RGB images (B, H, W, 3) on their device; sides must be multiples of tile_size.
-
-    Returns float32 geometry (B, T*N, 5) and boxes (B, T*N, 4), tiles row-major, as
-    `tokenizer.partition.entropy_partition_batch` does (without the user bias).
-    """
-    _check_settings(num_tokens, min_size, weight, tile_size)
+def check_image_batch(images: torch.Tensor, tile_size: int) -> None:
+    """images: a uint8 RGB tensor (B, H, W, 3) with H and W positive multiples of tile_size."""
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         raise TypeError(f"images must be a uint8 torch tensor, got {getattr(images, 'dtype', type(images))}")
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB of shape (B, H, W, 3), got shape {tuple(images.shape)}")
-    batch, height, width = images.shape[:3]
+    height, width = images.shape[1:3]
     if height == 0 or width == 0 or height % tile_size or width % tile_size:
         raise ValueError(f"image sides ({height} x {width}) must be positive multiples of tile_size={tile_size}")
 
+
+def entropy_partition_torch(
+    images: torch.Tensor,
+    num_tokens: int,
+    *,
+    min_size: int = 8,
+    weight: float = 2.5,
+    tile_size: int = 256,
+    cuda_kernel: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partition uint8 RGB images (B, H, W, 3) on their device; sides must be multiples of tile_size.
+
+    Returns float32 geometry (B, T*N, 5) and boxes (B, T*N, 4), tiles row-major, as
+    `tokenizer.partition.entropy_partition_batch` does (without the user bias). On a CUDA device the greedy loop
+    runs as one CUDA kernel (`tokenizer.partition_cuda`) when cuda-python is installed and a tile fits the GPU's
+    shared memory; `cuda_kernel=False` runs this module's PyTorch loop there instead (for comparisons).
+    """
+    _check_settings(num_tokens, min_size, weight, tile_size)
+    check_image_batch(images, tile_size)
+    boxes = _kernel_boxes(images, num_tokens, min_size, weight, tile_size) if cuda_kernel and images.is_cuda else None
+    if boxes is None:
+        boxes = _loop_boxes(images, num_tokens, min_size, float(weight), tile_size)
+    y0, y1, x0, x1 = boxes.double().unbind(-1)
+    geometry, region_boxes = _token_columns(y0, y1, x0, x1, tile_size, tile_size)
+    batch, height, width = images.shape[:3]
+    tokens = (height // tile_size) * (width // tile_size) * num_tokens
+    geometry = torch.stack(geometry, dim=-1).float().reshape(batch, tokens, 5)
+    region_boxes = torch.stack(region_boxes, dim=-1).float().reshape(batch, tokens, 4)
+    return geometry, region_boxes
+
+
+def _kernel_boxes(images: torch.Tensor, num_tokens: int, min_size: int, weight: float, tile_size: int):
+    """The CUDA kernel's boxes (B*T, N, 4), or None where it cannot run (no cuda-python, tiles too large)."""
+    from tokenizer import partition_cuda  # not at the top: it imports this module
+
+    if not partition_cuda.supported(images.device, tile_size, num_tokens):
+        return None
+    return partition_cuda.partition_boxes(images, num_tokens, min_size=min_size, weight=weight, tile_size=tile_size)
+
+
+def _loop_boxes(images: torch.Tensor, num_tokens: int, min_size: int, weight: float, tile_size: int) -> torch.Tensor:
+    """This module's boxes (B*T, N, 4): the released float32 grey conversion, tiling, then the batched loop."""
+    batch, height, width = images.shape[:3]
+    rows, cols = height // tile_size, width // tile_size
     lut = torch.from_numpy(_UINT8_TO_SIGNED).to(images.device)
     signed = lut[images.long()]
     grey = 0.299 * signed[..., 0] + 0.587 * signed[..., 1] + 0.114 * signed[..., 2]
     unit = (grey + 1.0) / 2.0
-    rows, cols = height // tile_size, width // tile_size
     tiles = unit.reshape(batch, rows, tile_size, cols, tile_size).permute(0, 1, 3, 2, 4)
     tiles = tiles.reshape(batch * rows * cols, tile_size, tile_size).contiguous()
-
-    boxes = _greedy_boxes(tiles, num_tokens, min_size, float(weight))
-    y0, y1, x0, x1 = boxes.double().unbind(-1)
-    geometry, region_boxes = _token_columns(y0, y1, x0, x1, tile_size, tile_size)
-    tokens = rows * cols * num_tokens
-    geometry = torch.stack(geometry, dim=-1).float().reshape(batch, tokens, 5)
-    region_boxes = torch.stack(region_boxes, dim=-1).float().reshape(batch, tokens, 4)
-    return geometry, region_boxes
+    return _greedy_boxes(tiles, num_tokens, min_size, weight)
 
 
 def _greedy_boxes(tiles: torch.Tensor, num_tokens: int, min_size: int, weight: float) -> torch.Tensor:
