@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nan-at", type=int, default=0, help="make the loss NaN at this step")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds per step (to be killed mid-run)")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=1)
+    parser.add_argument("--profile-at", type=int, default=0)
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-identical float sums in and out of a subprocess
@@ -54,7 +56,8 @@ def train(args: argparse.Namespace) -> int:
 
     config = EngineConfig(output_dir=args.output, max_steps=args.steps, seed=7, grad_accum_steps=args.accum,
                           grad_clip_norm=1.0, ema_decay=0.9, checkpoint_every=args.checkpoint_every,
-                          keep_checkpoints=args.keep, log_every=1, deterministic=True)
+                          keep_checkpoints=args.keep, log_every=args.log_every, deterministic=True,
+                          profile_at=args.profile_at, profile_steps=2)
     engine = TrainingEngine(config, run_config={"toy": True})
     try:
         torch.manual_seed(0)

@@ -147,6 +147,40 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
     assert read_metrics(tmp_path)[-1]["step"] == 6
 
 
+def test_nan_guard_reads_at_log_steps_and_names_the_first_bad_step(tmp_path, capsys):
+    # The guard's flags are read only every 5 steps: the NaN of step 8 stops the run at step 10, named as step 8,
+    # and the checkpoint of step 10 (after the bad step) is never written.
+    assert run_toy(tmp_path, "--steps", "20", "--nan-at", "8", "--checkpoint-every", "5", "--log-every", "5") == 3
+    assert "loss 'mse' is nan at step 8" in capsys.readouterr().err
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000005"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [5]
+
+
+def test_profile_window_writes_operator_tables(tmp_path):
+    assert run_toy(tmp_path, "--steps", "6", "--profile-at", "3") == 0
+    report = (tmp_path / "profile.txt").read_text()
+    assert report.startswith("torch.profiler over steps 4-5 (2 steps") and "aten::addmm" in report
+
+
+def test_channels_last_modules_checkpoint_as_contiguous_tensors(tmp_path):
+    engine = TrainingEngine(EngineConfig(output_dir=str(tmp_path), max_steps=2, channels_last=True))
+    model = engine.to_memory_format(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 1)))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last) and not model[0].weight.is_contiguous()
+    assert all(v.is_contiguous() for v in model.state_dict().values())
+    optimizer = torch.optim.Adam(model.parameters())
+    model, optimizer = engine.prepare(model, optimizer)
+    engine.track_ema(model)
+    assert engine.resume("auto") == 0
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    engine.save_checkpoint(1)   # safetensors refuses non-contiguous tensors
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert engine.resume("auto") == 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    engine.finish()
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     engine = TrainingEngine(EngineConfig(output_dir=str(tmp_path), max_steps=5, checkpoint_every=1))
     model = torch.nn.Linear(3, 3)

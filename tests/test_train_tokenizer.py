@@ -1,7 +1,12 @@
 """Tokenizer training end to end on CPU (tiny config, Fashion-MNIST) and the loss terms."""
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,10 +27,6 @@ def heldout_curve(output: Path) -> dict[int, float]:
     return {r["step"]: r["heldout_psnr"] for r in read_metrics(output) if "heldout_psnr" in r}
 
 
-def train_losses(output: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(output) if "loss" in r]
-
-
 @needs_fashion
 def test_heldout_psnr_rises_and_ema_export_loads(tmp_path):
     assert main(["--config", CONFIG, f"engine.output_dir={tmp_path}", "engine.max_steps=40", "optim.batch_size=8",
@@ -42,17 +43,90 @@ def test_heldout_psnr_rises_and_ema_export_loads(tmp_path):
     assert model.num_parameters() > 0
 
 
+def _train_process(*args: str) -> subprocess.Popen:
+    """tokenizer/train.py in a subprocess with one CPU thread (the same float sums in every process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, str(REPO / "tokenizer" / "train.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 120) -> None:
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def loss_records(output: Path) -> list[dict[str, float]]:
+    """Every logged number of a run except timings."""
+    timing = {"images_per_s", "data_wait_ms", "peak_memory_gib"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(output)]
+
+
 @needs_fashion
-def test_resume_continues_identically(tmp_path):
-    common = ["--config", CONFIG, "engine.log_every=1", "engine.checkpoint_every=3", "optim.batch_size=4",
-              "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=1"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert main([*common, f"engine.output_dir={straight}", "engine.max_steps=6"]) == 0
-    assert main([*common, f"engine.output_dir={stopped}", "engine.max_steps=4"]) == 0
-    (stopped / "checkpoints" / "step_00000004").rename(stopped / "checkpoints" / ".tmp_step_00000004")  # as if killed
-    assert main([*common, f"engine.output_dir={stopped}", "engine.max_steps=6", "--resume", "auto"]) == 0
-    assert train_losses(stopped) == train_losses(straight)
-    assert [p.name for p in find_checkpoints(stopped)] == ["step_00000003", "step_00000006"]
+def test_resume_after_kill_continues_identically(tmp_path):
+    """SIGKILL while training past a checkpoint; `--resume auto` then logs exactly the uninterrupted run's
+    numbers (every loss term, GAN included, every step), and the kill left no checkpoint that resume could
+    mistake for a complete one."""
+    common = ["--config", CONFIG, "engine.log_every=1", "engine.checkpoint_every=3", "engine.deterministic=true",
+              "optim.batch_size=4", "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0",
+              "losses.gan_weight=0.3", "losses.gan_start=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    reference = _train_process(*common, f"engine.output_dir={straight}", "engine.max_steps=9")
+    # A long run, so it is surely still training when it is killed just after writing its first checkpoint.
+    victim = _train_process(*common, f"engine.output_dir={killed}", "engine.max_steps=100000")
+    deadline = time.monotonic() + 120
+    while not any(r["step"] > 3 for r in read_metrics(killed)):
+        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    _finish(reference)
+
+    complete = find_checkpoints(killed)
+    assert complete and all((c / "model.safetensors").is_file() and (c / "optimizer.bin").is_file() for c in complete)
+    others = {p.name for p in (killed / "checkpoints").iterdir()} - {c.name for c in complete}
+    assert all(name.startswith(".tmp_") for name in others), others   # a save cut short stays hidden
+    resumed_from = int(complete[-1].name.split("_")[1])
+    assert 3 <= resumed_from < 9 and not (killed / "ema.safetensors").exists()
+
+    resumed = _train_process(*common, f"engine.output_dir={killed}", "engine.max_steps=9", "--resume", "auto")
+    _finish(resumed)
+    assert f"(step {resumed_from})" in (killed / "train.log").read_text()
+    assert [r["step"] for r in read_metrics(killed)] == list(range(1, 10))
+    assert loss_records(killed) == loss_records(straight)   # bit-identical, before and after the kill
+    assert any("gan_discriminator" in r for r in loss_records(straight)[resumed_from:])
+    assert not list((killed / "checkpoints").glob(".tmp_*"))
+
+
+@needs_fashion
+def test_gan_schedules_and_images_counted(tmp_path):
+    """same_batch: every step updates the tokenizer and then the discriminator; alternate (released): even steps
+    update only the discriminator, on a batch of their own, and count no tokenizer images."""
+    common = ["--config", CONFIG, "engine.log_every=1", "engine.max_steps=4", "optim.batch_size=2",
+              "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0", "losses.gan_weight=0.3",
+              "losses.gan_start=0"]
+    assert main([*common, f"engine.output_dir={tmp_path / 'same'}"]) == 0
+    assert main([*common, f"engine.output_dir={tmp_path / 'alternate'}", "losses.gan_schedule=alternate"]) == 0
+    same, alternate = read_metrics(tmp_path / "same"), read_metrics(tmp_path / "alternate")
+    assert all({"pixel", "gan_generator", "gan_discriminator"} <= set(r) for r in same)
+    assert all(r["loss"] != r["gan_discriminator"] and r["images_per_s"] > 0 for r in same)
+    assert [("pixel" in r, "gan_discriminator" in r) for r in alternate] == [(True, False), (False, True)] * 2
+    assert [r["images_per_s"] > 0 for r in alternate] == [True, False, True, False]
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_compiled_training_matches_eager(tmp_path):
+    """engine.compile (the parts `compile_parts` names, GAN included) logs the eager run's losses."""
+    common = ["--config", CONFIG, "engine.log_every=1", "engine.max_steps=3", "optim.batch_size=2",
+              "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0", "losses.gan_weight=0.3",
+              "losses.gan_start=1", "engine.channels_last=true"]
+    assert main([*common, f"engine.output_dir={tmp_path / 'eager'}"]) == 0
+    assert main([*common, f"engine.output_dir={tmp_path / 'compiled'}", "engine.compile=true"]) == 0
+    eager, compiled = loss_records(tmp_path / "eager"), loss_records(tmp_path / "compiled")
+    assert [sorted(r) for r in eager] == [sorted(r) for r in compiled]
+    for a, b in zip(eager, compiled):
+        assert all(b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5) for k in a), (a, b)
 
 
 def test_nan_loss_stops_the_tokenizer_run(tmp_path, capsys):
@@ -82,9 +156,15 @@ def test_loss_config_requires_weight_files_unless_random():
         LossConfig(lpips_weight=0.0)
     with pytest.raises(ValueError, match="feature_input_range"):
         LossConfig(random_init=True, feature_input_range="0_1")
-    config = LossConfig(random_init=True, gan_start=10)
+    with pytest.raises(ValueError, match="gan_schedule"):
+        LossConfig(random_init=True, gan_schedule="interleaved")
+    config = LossConfig(random_init=True, gan_start=10)   # same_batch: a discriminator update after every step
     assert not config.gan_active(10) and config.gan_active(11)
-    assert [s for s in range(9, 16) if config.is_discriminator_step(s)] == [12, 14]
+    assert [s for s in range(9, 16) if config.discriminator_follows(s)] == [11, 12, 13, 14, 15]
+    assert not any(config.is_discriminator_step(s) for s in range(9, 16))
+    released = LossConfig(random_init=True, gan_start=10, gan_schedule="alternate")
+    assert [s for s in range(9, 16) if released.is_discriminator_step(s)] == [12, 14]
+    assert not any(released.discriminator_follows(s) for s in range(9, 16))
 
 
 def test_pixel_losses_and_hinge():

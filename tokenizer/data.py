@@ -136,7 +136,8 @@ class FashionMNIST:
 
 
 class BundledPhotos:
-    """scikit-image's colour photos, each repeated so an epoch holds `samples` random crops."""
+    """scikit-image's colour photos, each repeated so an epoch holds `samples` random crops. The few photos are
+    decoded once per process (they would otherwise be decoded again for every crop)."""
 
     def __init__(self, split: str, samples: int):
         import skimage
@@ -147,12 +148,16 @@ class BundledPhotos:
         if not len(self.files):
             raise FileNotFoundError(f"no bundled photos found in {folder}")
         self.samples = samples
+        self._decoded: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.samples
 
     def load(self, index: int) -> np.ndarray:
-        return self.files.load(index % len(self.files))
+        photo = index % len(self.files)
+        if photo not in self._decoded:
+            self._decoded[photo] = self.files.load(photo)
+        return self._decoded[photo]
 
     def name(self, index: int) -> str:
         return self.files.name(index % len(self.files))

@@ -2,10 +2,11 @@
 
 What lives here, and nothing else:
 - typed configs from YAML with `key.sub=value` overrides (`load_run_config`, from `tokenizer.yaml_config`);
-- `TrainingEngine`: accelerate set-up (processes, devices, bf16 autocast, gradient accumulation, optional
-  `torch.compile`), seeding, EMA of the weights (diffusers' `EMAModel`), a NaN guard, atomic checkpoints
-  through `accelerator.save_state` with keep-last-K and `--resume auto`, JSONL + TensorBoard logs, a tqdm
-  progress bar with images/s, and export of the EMA weights as safetensors;
+- `TrainingEngine`: accelerate set-up (processes, devices, bf16 autocast, gradient accumulation), the speed
+  switches (`torch.compile`, channels-last, TF32, cuDNN autotuning), seeding, EMA of the weights (diffusers'
+  `EMAModel`), a NaN guard without per-step host syncs, atomic checkpoints through `accelerator.save_state`
+  with keep-last-K and `--resume auto`, JSONL + TensorBoard logs, a tqdm progress bar with images/s, an
+  optional torch.profiler window, and export of the EMA weights as safetensors;
 - `ShardedInfiniteSampler`: the data order as a pure function of (seed, position), so a resumed run sees
   exactly the samples an uninterrupted run would have seen, and each process gets a disjoint share.
 
@@ -23,6 +24,10 @@ else. The loop of a trainer reads:
         engine.end_step(step, metrics)
     engine.finish()
 
+The NaN guard: every loss term is checked for NaN/inf on the device; the flags are read back (one host sync)
+only at log steps, before every checkpoint and before the EMA export, so the run stops at the first of those
+after a bad step, names the first bad step and term, and never writes a checkpoint after a bad step.
+
 Checkpoint layout: `<output_dir>/checkpoints/step_<08d>/` holds accelerate's state (models, optimizers, RNG of
 every process, registered objects such as the EMA) plus `progress.json`. A checkpoint is written into a hidden
 temporary folder and renamed into place only once complete, so a killed run never leaves a half checkpoint
@@ -36,6 +41,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -57,6 +63,7 @@ logger = logging.getLogger("gpstoken.train")
 CHECKPOINT_PREFIX = "step_"
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
+PROFILE_FILE = "profile.txt"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -97,6 +104,92 @@ class ShardedInfiniteSampler(torch.utils.data.Sampler):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Speed switches and the profiler window
+# --------------------------------------------------------------------------------------------------------------
+
+def _backend_flags() -> tuple[bool, bool, bool]:
+    """(TF32 for cuBLAS matmuls, TF32 for cuDNN convolutions, cuDNN autotuning) as set now."""
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+
+
+def _set_backend_flags(matmul_tf32: bool, conv_tf32: bool, benchmark: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    torch.backends.cudnn.allow_tf32 = conv_tf32
+    torch.backends.cudnn.benchmark = benchmark
+
+
+def _contiguous_state_dict(module: torch.nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """State-dict hook of channels-last modules: contiguous copies, as safetensors requires."""
+    for key, value in state.items():
+        if key.startswith(prefix) and isinstance(value, torch.Tensor) and not value.is_contiguous():
+            state[key] = value.contiguous()
+
+
+class _ProfileWindow:
+    """torch.profiler over a few training steps, written as tables of the top CUDA kernels and operators
+    (CPU operators on a machine without CUDA), with the GPU's busy share of the window and its host syncs."""
+
+    ROWS = 25
+
+    def __init__(self, device: torch.device):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.profiler = profile(activities=activities, record_shapes=True)
+        self.profiler.__enter__()
+        self.warnings = warnings.catch_warnings(record=True)
+        self.caught = self.warnings.__enter__()
+        warnings.simplefilter("always")
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("warn")   # every host sync inside the window becomes a warning
+        self.start = time.perf_counter()
+
+    def stop(self) -> float:
+        """End the window; returns its wall-clock seconds."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("default")
+        seconds = time.perf_counter() - self.start
+        self.warnings.__exit__(None, None, None)
+        self.profiler.__exit__(None, None, None)
+        return seconds
+
+    def finish(self, path: Path, first_step: int, last_step: int) -> None:
+        seconds = self.stop()
+        syncs = sum("synchronizing CUDA operation" in str(w.message) for w in self.caught)
+        events = self.profiler.key_averages()
+        steps = last_step - first_step + 1
+        lines = [f"torch.profiler over steps {first_step}-{last_step} ({steps} steps, {seconds:.3f} s wall, "
+                 "profiler overhead included)"]
+        if self.cuda:
+            from torch.autograd import DeviceType
+
+            kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
+                             key=lambda e: e.self_device_time_total, reverse=True)
+            busy = sum(e.self_device_time_total for e in kernels) / 1e6
+            lines += [f"GPU kernel time {busy:.3f} s = {100 * busy / seconds:.0f}% of the wall time "
+                      f"({1000 * busy / steps:.1f} ms per step); host syncs in the window: {syncs}", "",
+                      f"Top {self.ROWS} CUDA kernels by GPU time:",
+                      f"{'GPU ms':>10} {'share':>6} {'calls':>7} {'us/call':>9}  kernel"]
+            for event in kernels[:self.ROWS]:
+                total = event.self_device_time_total
+                lines.append(f"{total / 1000:10.2f} {100 * total / max(busy * 1e6, 1e-9):5.1f}% {event.count:7d} "
+                             f"{total / event.count:9.1f}  {event.key[:150]}")
+            sort = "device_time_total"
+        else:
+            sort = "self_cpu_time_total"
+        lines += ["", f"Top {self.ROWS} operators by {sort} (nested operators repeat their children's time):",
+                  events.table(sort_by=sort, row_limit=self.ROWS, max_name_column_width=70),
+                  f"Top {self.ROWS} operators and input shapes by {sort}:",
+                  self.profiler.key_averages(group_by_input_shape=True).table(
+                      sort_by=sort, row_limit=self.ROWS, max_name_column_width=50, max_shapes_column_width=70)]
+        path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------------------
 
@@ -113,16 +206,24 @@ class EngineConfig:
     ema_decay: float = 0.9999           # diffusers EMAModel decay (with its built-in (1+t)/(10+t) warm-up)
     checkpoint_every: int = 5000        # steps between checkpoints; the last step is always saved
     keep_checkpoints: int = 3           # keep the newest K complete checkpoints
-    log_every: int = 50                 # steps between scalar log records
-    compile: bool = False               # torch.compile the prepared models (inductor)
-    deterministic: bool = False         # deterministic kernels (slower; for exact-resume checks)
+    log_every: int = 50                 # steps between scalar log records (and NaN-guard reads)
+    compile: bool = False               # torch.compile (inductor, dynamic=False) the models or the parts a trainer names
+    channels_last: bool = False         # the conv networks a trainer names in channels-last memory format
+    tf32: bool = True                   # CUDA fp32 matmuls and convolutions on TF32 tensor cores (false: strict fp32)
+    cudnn_benchmark: bool = True        # cuDNN times its algorithms once per shape and keeps the fastest
+    deterministic: bool = False         # deterministic kernels (slower; for exact-resume checks; no cuDNN timing)
+    profile_at: int = 0                 # profile steps profile_at+1 .. profile_at+profile_steps (0 = never)
+    profile_steps: int = 3              # into <output_dir>/profile.txt (top kernels and operators)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"engine.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
-        for key in ("max_steps", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for key in ("max_steps", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                    "profile_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        if self.profile_at < 0:
+            raise ValueError(f"engine.profile_at must be >= 0, got {self.profile_at}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"engine.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -164,10 +265,11 @@ class TrainingEngine:
             cpu=not torch.cuda.is_available(),  # several CPU processes then talk through gloo
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum_steps,
-            dynamo_backend="inductor" if config.compile else "no",
             step_scheduler_with_optimizer=False,
         )
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()
+        self._previous_backend_flags = _backend_flags()   # restored by finish()
+        _set_backend_flags(config.tf32, config.tf32, config.cudnn_benchmark and not config.deterministic)
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         set_seed(config.seed, device_specific=False, deterministic=config.deterministic)
@@ -178,6 +280,10 @@ class TrainingEngine:
         self._progress = None
         self._last_time = None
         self._last_step = 0
+        self._images = 0                  # images trained on since the last log record (this process)
+        self._data_wait = 0.0             # seconds spent waiting for batches since the last log record
+        self._unchecked: list[tuple[int, list[str], torch.Tensor]] = []   # NaN-guard values not yet read
+        self._profiler: _ProfileWindow | None = None
         if self.is_main_process:
             (self.output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             self._setup_logging()
@@ -201,9 +307,36 @@ class TrainingEngine:
     def num_processes(self) -> int:
         return self.accelerator.num_processes
 
-    def prepare(self, *objects: Any) -> Any:
-        """Hand models and optimizers to accelerate (device placement, DDP, autocast, compile)."""
-        return self.accelerator.prepare(*objects)
+    def prepare(self, *objects: Any, compile_models: bool = True) -> Any:
+        """Hand models and optimizers to accelerate (device placement, DDP, autocast). With `engine.compile`,
+        each prepared model is then compiled whole (`torch.compile`, inductor, `dynamic=False`), unless
+        `compile_models=False`: a trainer that compiles chosen parts itself (`compile_module`)."""
+        prepared = self.accelerator.prepare(*objects)
+        if not (self.config.compile and compile_models):
+            return prepared
+        items = [prepared] if len(objects) == 1 else list(prepared)
+        items = [torch.compile(item, dynamic=False) if isinstance(item, torch.nn.Module) else item for item in items]
+        return items[0] if len(objects) == 1 else tuple(items)
+
+    def compile_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """With `engine.compile`, compile `module` in place (`nn.Module.compile`: inductor, `dynamic=False`);
+        its parameters, state dict and checkpoints stay as they are."""
+        if self.config.compile:
+            module.compile(dynamic=False)
+        return module
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The memory format of conv inputs: channels-last with `engine.channels_last`."""
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
+    def to_memory_format(self, module: torch.nn.Module) -> torch.nn.Module:
+        """With `engine.channels_last`, put `module`'s 4-d weights in channels-last memory format (in place);
+        its state dict still holds contiguous tensors, as safetensors checkpoints require."""
+        if self.config.channels_last:
+            module.to(memory_format=torch.channels_last)
+            module.register_state_dict_post_hook(_contiguous_state_dict)
+        return module
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
@@ -211,7 +344,7 @@ class TrainingEngine:
     # ---- EMA ------------------------------------------------------------------------------------------------
     def track_ema(self, model: torch.nn.Module) -> EMAModel:
         """Start an EMA of `model`'s parameters (saved with every checkpoint, exported by `export_ema`)."""
-        self._ema_model = self.unwrap(model)
+        self._ema_model = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # the model's own key names
         self.ema = EMAModel(self._ema_model.parameters(), decay=self.config.ema_decay, foreach=True)
         self.accelerator.register_for_checkpointing(self.ema)
         return self.ema
@@ -223,6 +356,7 @@ class TrainingEngine:
     def export_ema(self, path: str | Path) -> Path:
         """Write the EMA weights as a safetensors state dict with the model's own key names."""
         path = Path(path)
+        self.verify_finite()
         if self.is_main_process:
             params = list(self._ema_model.parameters())
             self.ema.store(params)
@@ -251,24 +385,43 @@ class TrainingEngine:
             persistent_workers=False, prefetch_factor=4 if num_workers else None,
             generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
         )
-        return iter(loader)
+        return self._timed(iter(loader))
+
+    def _timed(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """`batches`, adding the time spent waiting for each to the `data_wait_ms` of the log records."""
+        while True:
+            start = time.perf_counter()
+            batch = next(batches)
+            self._data_wait += time.perf_counter() - start
+            yield batch
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def steps(self, start_step: int) -> Iterator[int]:
-        """Step numbers `start_step + 1 .. max_steps` with a progress bar (main process)."""
+        """Step numbers `start_step + 1 .. max_steps` with a progress bar (main process), and the profiler
+        window when `engine.profile_at` is set."""
         self._progress = tqdm(total=self.config.max_steps, initial=start_step, disable=not self.is_main_process,
                               unit="step", dynamic_ncols=True, desc="train")
         self._last_time, self._last_step = time.perf_counter(), start_step
-        yield from range(start_step + 1, self.config.max_steps + 1)
+        profile_first = self.config.profile_at + 1 if self.config.profile_at else 0
+        profile_last = min(self.config.profile_at + self.config.profile_steps, self.config.max_steps)
+        for step in range(start_step + 1, self.config.max_steps + 1):
+            if step == profile_first and self.is_main_process:
+                self._profiler = _ProfileWindow(self.device)
+            yield step
+            if step == profile_last and self._profiler is not None:
+                self._profiler.finish(self.output_dir / PROFILE_FILE, first_step=profile_first, last_step=step)
+                self._profiler = None
+                logger.info("profile of steps %d-%d written to %s", profile_first, step,
+                            self.output_dir / PROFILE_FILE)
 
     def optimizer_step(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
                        batches: Iterator[Any]) -> dict[str, torch.Tensor]:
         """One optimizer step of `model` over `grad_accum_steps` micro-batches drawn from `batches`.
 
-        `loss_fn(batch) -> (loss, terms)` runs under autocast; every term and the loss are checked for NaN/inf
-        (on all processes together) before the backward pass. Returns the terms averaged over the micro-batches
-        (detached) plus `grad_norm` when clipping is on."""
+        `loss_fn(batch) -> (loss, terms)` runs under autocast; every term and the loss go to the NaN guard
+        (`check_finite`). Returns the terms averaged over the micro-batches (detached, on the device) plus
+        `grad_norm` when clipping is on."""
         accumulated: dict[str, torch.Tensor] = {}
         for _ in range(self.config.grad_accum_steps):
             batch = next(batches)
@@ -286,42 +439,68 @@ class TrainingEngine:
         return accumulated
 
     def check_finite(self, step: int, terms: Mapping[str, torch.Tensor]) -> None:
-        """Raise `NonFiniteLossError` on every process when any term is NaN/inf on any process."""
+        """Queue scalar `terms` of step `step` for the NaN guard; no host sync (see `verify_finite`)."""
         names = list(terms)
         values = torch.stack([terms[n].detach().float().reshape(()) for n in names])
+        self._unchecked.append((step, names, values))
+
+    def verify_finite(self) -> None:
+        """Read the queued NaN-guard values back (one host sync) and raise `NonFiniteLossError` on every
+        process, naming the first step and term that was NaN/inf on any process."""
+        if not self._unchecked:
+            return
+        queued, self._unchecked = self._unchecked, []
+        values = torch.cat([v for _, _, v in queued])
         bad = (~torch.isfinite(values)).float()
         if self.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
-        if bool(bad.any()):
-            index = int(torch.nonzero(bad)[0])
-            checkpoints = find_checkpoints(self.output_dir)
-            error = NonFiniteLossError(step, names[index], float(values[index]), checkpoints[-1] if checkpoints else None)
-            logger.error(str(error))
-            raise error
+        flags, numbers = torch.stack([bad, values]).tolist()
+        position = 0
+        for step, names, _ in queued:
+            for name in names:
+                if flags[position]:
+                    checkpoints = find_checkpoints(self.output_dir)
+                    error = NonFiniteLossError(step, name, numbers[position], checkpoints[-1] if checkpoints else None)
+                    logger.error(str(error))
+                    raise error
+                position += 1
 
     def end_step(self, step: int, metrics: Mapping[str, torch.Tensor | float], images: int | None = None) -> None:
         """Bookkeeping after step `step`: progress bar, scalar logs every `log_every`, checkpoint every
-        `checkpoint_every` and at the last step. `images` = images this process consumed in the step."""
+        `checkpoint_every` and at the last step; the NaN guard is read before either. `images` = images this
+        process trained the main model on in the step (0 for a step that trains something else)."""
         self._progress.update(1)
-        if step % self.config.log_every == 0 or step == self.config.max_steps:
+        self._images += images or 0
+        log = step % self.config.log_every == 0 or step == self.config.max_steps
+        save = step % self.config.checkpoint_every == 0 or step == self.config.max_steps
+        if log or save:
+            self.verify_finite()
+        if log:
             now = time.perf_counter()
-            record = {name: float(self._mean_over_processes(value)) for name, value in metrics.items()}
+            record = self._mean_over_processes(metrics)
+            elapsed, steps = max(now - self._last_time, 1e-9), step - self._last_step
             if images is not None:
-                rate = images * self.num_processes * (step - self._last_step) / max(now - self._last_time, 1e-9)
+                rate = self._images * self.num_processes / elapsed
                 record["images_per_s"] = rate
                 self._progress.set_postfix(img_s=f"{rate:.1f}", loss=f"{record.get('loss', math.nan):.4f}")
+            record["data_wait_ms"] = 1000.0 * self._data_wait / steps
             if self.device.type == "cuda":
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            self._last_time, self._last_step = now, step
+            self._last_time, self._last_step, self._images, self._data_wait = now, step, 0, 0.0
             self.log_scalars(step, record)
-        if step % self.config.checkpoint_every == 0 or step == self.config.max_steps:
+        if save:
             self.save_checkpoint(step)
 
-    def _mean_over_processes(self, value: torch.Tensor | float) -> torch.Tensor:
-        tensor = torch.as_tensor(value, dtype=torch.float32, device=self.device).reshape(())
+    def _mean_over_processes(self, metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+        """The metrics as floats, averaged over the processes (one reduction and one host read in all)."""
+        names = list(metrics)
+        if not names:
+            return {}
+        values = torch.stack([torch.as_tensor(metrics[n], dtype=torch.float32, device=self.device).reshape(())
+                              for n in names])
         if self.num_processes > 1:
-            tensor = self.accelerator.reduce(tensor.clone(), reduction="mean")
-        return tensor
+            values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(names, values.tolist()))
 
     # ---- logs -----------------------------------------------------------------------------------------------
     def _setup_logging(self) -> None:
@@ -365,6 +544,7 @@ class TrainingEngine:
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
         """Write the full training state atomically and keep only the newest `keep_checkpoints`."""
+        self.verify_finite()   # never save the state of a step the NaN guard has not passed
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
         temporary = root / f".tmp_{CHECKPOINT_PREFIX}{step:08d}"
@@ -433,6 +613,9 @@ class TrainingEngine:
 
     def finish(self) -> None:
         """Close the progress bar and the logs; wait for all processes."""
+        if self._profiler is not None:   # the run ended inside the profiler window
+            self._profiler.stop()
+            self._profiler = None
         if self._progress is not None:
             self._progress.close()
         if self._tensorboard is not None:
@@ -442,5 +625,6 @@ class TrainingEngine:
             logger.removeHandler(self._log_file_handler)
             self._log_file_handler.close()
         torch.use_deterministic_algorithms(self._was_deterministic)
+        _set_backend_flags(*self._previous_backend_flags)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

@@ -5,6 +5,16 @@ MSE weight 1 from step 0, and a hinge PatchGAN whose generator term is scaled by
 (ratio of gradient norms at the decoder's last conv, clamped to [0, 1e4]) times 0.3 from step 600k, with
 generator and discriminator steps alternating. Each term has a weight (0 turns it off) and a start step.
 
+Discriminator schedule (`gan_schedule`). The release alternates once the GAN is on: a tokenizer step on one
+batch, then a discriminator step on the next batch, whose reconstruction it computes with a second tokenizer
+forward (with gradients and the perceptual loss, which are then thrown away). `alternate` does the same (the
+second forward without gradients): per tokenizer update, two batches and two tokenizer forwards. `same_batch`
+(default) updates the tokenizer and then the discriminator on the same batch's real images and detached
+reconstruction, so one forward serves both updates. The math per update pair is the release's except that the
+discriminator sees the reconstruction from before the tokenizer update (one step older, lr 5e-5) and the
+tokenizer's batch instead of a fresh one; a step then holds one update of each. The release's 1M steps
+(600k tokenizer-only, then 200k tokenizer + 200k discriminator updates) are 800k `same_batch` steps.
+
 No loss network is ever downloaded: LPIPS takes torchvision's VGG16 state dict from `lpips_vgg16` (the small
 linear heads come from the installed `lpips` package), the feature loss takes TF-Inception weights from
 `inception_weights` (any file `eval.inception` reads). `random_init: true` builds both with random weights,
@@ -45,11 +55,14 @@ class LossConfig:
     gan_start: int = 600_000
     disc_layers: int = 3
     disc_channels: int = 64
+    gan_schedule: str = "same_batch"     # same_batch (one forward per update pair) | alternate (released)
     random_init: bool = False            # loss networks with random weights: timing only
 
     def __post_init__(self) -> None:
         if self.pixel not in ("l2", "l1"):
             raise ValueError(f"losses.pixel must be 'l2' or 'l1', got {self.pixel!r}")
+        if self.gan_schedule not in ("same_batch", "alternate"):
+            raise ValueError(f"losses.gan_schedule must be 'same_batch' or 'alternate', got {self.gan_schedule!r}")
         if self.feature_input_range not in FEATURE_INPUT_SCALE:
             raise ValueError(f"losses.feature_input_range must be one of {list(FEATURE_INPUT_SCALE)}, "
                              f"got {self.feature_input_range!r}")
@@ -68,8 +81,14 @@ class LossConfig:
         return self.gan_weight > 0 and step > self.gan_start
 
     def is_discriminator_step(self, step: int) -> bool:
-        """Once the GAN is on, even steps train the discriminator and odd steps the tokenizer (as released)."""
-        return self.gan_active(step) and step % 2 == 0
+        """`alternate`: once the GAN is on, even steps train the discriminator on a batch of their own and odd
+        steps the tokenizer (as released)."""
+        return self.gan_schedule == "alternate" and self.gan_active(step) and step % 2 == 0
+
+    def discriminator_follows(self, step: int) -> bool:
+        """`same_batch`: once the GAN is on, the tokenizer update of every step is followed by a discriminator
+        update on the same batch."""
+        return self.gan_schedule == "same_batch" and self.gan_active(step)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -365,9 +365,13 @@ class GPSToken(nn.Module):
         """All numbers of the state dict (the released checkpoints hold 128.7 M)."""
         return sum(p.numel() for p in self.parameters())
 
-    def encode(self, images: torch.Tensor, init_geometry: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Tiles (B, 3, S, S) in [-1, 1], initial geometry (B, N, 5), boxes (B, N, 4) -> tokens (B, N, 5 + C)."""
-        if not torch.compiler.is_compiling():
+    def encode(self, images: torch.Tensor, init_geometry: torch.Tensor, boxes: torch.Tensor, *,
+               validate: bool = True) -> torch.Tensor:
+        """Tiles (B, 3, S, S) in [-1, 1], initial geometry (B, N, 5), boxes (B, N, 4) -> tokens (B, N, 5 + C).
+
+        `validate=False` skips the value checks of the inputs, which read values back from the device (host
+        syncs); for a trainer that watches its numbers on the device instead."""
+        if validate and not torch.compiler.is_compiling():
             self._check_encoder_inputs(images, init_geometry, boxes)
         return self.encoder(images, init_geometry, boxes)
 
@@ -375,19 +379,20 @@ class GPSToken(nn.Module):
         """Splat tokens (B, N, 5 + C) into the decoder's input map (B, C, np * 64, np * 64)."""
         return splat_cuda.render(tokens, self.config.render_size * tiles_per_side, self.config.dmax)
 
-    def decode(self, tokens: torch.Tensor, tiles_per_side: int = 1) -> torch.Tensor:
-        """Tokens (B, N, 5 + C) of whole images of np x np tiles -> images (B, 3, np * S, np * S), unclamped."""
+    def decode(self, tokens: torch.Tensor, tiles_per_side: int = 1, *, validate: bool = True) -> torch.Tensor:
+        """Tokens (B, N, 5 + C) of whole images of np x np tiles -> images (B, 3, np * S, np * S), unclamped.
+        `validate=False` skips the value checks of the tokens (host syncs), as in `encode`."""
         if isinstance(tiles_per_side, bool) or not isinstance(tiles_per_side, int) or tiles_per_side < 1:
             raise ValueError(f"decode: tiles_per_side must be a positive int, got {tiles_per_side!r}")
-        if not torch.compiler.is_compiling():
+        if validate and not torch.compiler.is_compiling():
             self._check_tokens(tokens)
         return self.decoder(self.render(tokens, tiles_per_side), tiles_per_side)
 
-    def forward(self, images: torch.Tensor, init_geometry: torch.Tensor,
-                boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, init_geometry: torch.Tensor, boxes: torch.Tensor, *,
+                validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One tile per image (training): -> (reconstruction (B, 3, S, S), tokens (B, N, 5 + C))."""
-        tokens = self.encode(images, init_geometry, boxes)
-        return self.decode(tokens), tokens
+        tokens = self.encode(images, init_geometry, boxes, validate=validate)
+        return self.decode(tokens, validate=validate), tokens
 
     @torch.no_grad()
     def tokenize(self, images: np.ndarray | torch.Tensor, num_tokens: int | None = None,

@@ -5,8 +5,10 @@
 
 A run config (`configs/train_*.yaml`) names the model config (`model: gpstoken_m128`) and holds the data,
 losses, optimiser and engine settings; the resolved config is saved as `<output_dir>/config.yaml`. The step
-loop: tokenizer steps (Adam, EMA update) and, once the GAN is on, alternating discriminator steps
-(`tokenizer.losses`); everything else (processes, checkpoints, logs, NaN stop) is `tokenizer.engine`'s.
+loop: a tokenizer update (Adam, EMA update) and, once the GAN is on, a discriminator update on the same
+batch's reconstruction (`losses.gan_schedule: same_batch`) or on a batch of its own in alternate steps (as
+released; see `tokenizer.losses`); everything else (processes, checkpoints, logs, NaN stop, speed switches)
+is `tokenizer.engine`'s. `images_per_s` in the logs counts the images the tokenizer was trained on.
 Outputs: checkpoints, `metrics.jsonl`, TensorBoard, reconstruction grids with token overlays under
 `images/`, and at the end `ema.safetensors` (EMA weights, released key layout, for `tokenizer.official`).
 """
@@ -67,13 +69,29 @@ class TokenizerTrainConfig:
 
 def load_batch(batch: dict[str, torch.Tensor], partition: PartitionSettings, device: torch.device,
                on_device: bool = False):
-    """A loader batch -> (images in [-1, 1], init geometry, boxes) on `device`; partitions the batch here when
-    the loader did not (`on_device`: with the PyTorch partition on `device`)."""
+    """A loader batch -> (images in [-1, 1], init geometry, boxes) on `device`, copied without a host sync;
+    partitions the batch here when the loader did not (`on_device`: with the PyTorch partition on `device`)."""
     if "init_geometry" not in batch:
         batch["init_geometry"], batch["boxes"] = partition_batch(batch["pixels"], partition,
                                                                  device if on_device else None)
-    images = batch["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return images, batch["init_geometry"].to(device), batch["boxes"].to(device)
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    images = (pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()
+    return (images, batch["init_geometry"].to(device, non_blocking=True),
+            batch["boxes"].to(device, non_blocking=True))
+
+
+def compile_parts(engine: TrainingEngine, model: GPSToken, losses: TokenizerLosses,
+                  discriminator: torch.nn.Module | None) -> None:
+    """With `engine.compile`, compile in place: the encoder's stem and each of its blocks (one compilation
+    serves all blocks), the decoder up to its last conv, the discriminator and the loss networks. The decoder's
+    last conv stays eager because the adaptive GAN weight takes gradients at its weight: through a compiled
+    region that would run the region's whole backward pass twice more per step."""
+    decoder = model.decoder
+    parts = [model.encoder.stem, *model.encoder.blocks, decoder.mid, *decoder.up, decoder.norm_out,
+             losses.lpips, losses.features, discriminator]
+    for part in parts:
+        if part is not None:
+            engine.compile_module(part)
 
 
 @torch.no_grad()
@@ -115,17 +133,22 @@ def train(config: TokenizerTrainConfig, resolved: dict[str, Any], resume: str | 
         partition = PartitionSettings(model_config.num_tokens, model_config.partition_min_size,
                                       model_config.partition_weight)
         model = GPSToken(model_config)
-        losses = TokenizerLosses(config.losses).to(engine.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=config.optim.betas)
+        engine.to_memory_format(model.decoder)
+        losses = engine.to_memory_format(TokenizerLosses(config.losses)).to(engine.device)
+        fused = engine.device.type == "cuda"   # one fused Adam kernel per step; the CPU keeps the default path
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=config.optim.betas, fused=fused)
         if config.losses.gan_weight > 0:
-            discriminator = PatchDiscriminator(config.losses.disc_layers, config.losses.disc_channels)
+            discriminator = engine.to_memory_format(
+                PatchDiscriminator(config.losses.disc_layers, config.losses.disc_channels))
             disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.optim.discriminator_lr,
-                                              betas=config.optim.betas)
-            model, optimizer, discriminator, disc_optimizer = engine.prepare(model, optimizer, discriminator,
-                                                                             disc_optimizer)
+                                              betas=config.optim.betas, fused=fused)
+            model, optimizer, discriminator, disc_optimizer = engine.prepare(
+                model, optimizer, discriminator, disc_optimizer, compile_models=False)
         else:
-            model, optimizer = engine.prepare(model, optimizer)
+            model, optimizer = engine.prepare(model, optimizer, compile_models=False)
             discriminator = disc_optimizer = None
+        frozen_discriminator = engine.unwrap(discriminator) if discriminator is not None else None
+        compile_parts(engine, engine.unwrap(model), losses, frozen_discriminator)
         engine.track_ema(model)
         start = engine.resume(resume)
         logger.info("model %s: %.1f M parameters; data: %s", config.model,
@@ -142,48 +165,72 @@ def train(config: TokenizerTrainConfig, resolved: dict[str, Any], resume: str | 
             samples = torch.utils.data.default_collate([heldout_set[(i, i)] for i in range(count)])
             heldout = load_batch(samples, partition, engine.device, on_device)
         last_layer = engine.unwrap(model).decoder.conv_out.weight
-        frozen_discriminator = engine.unwrap(discriminator) if discriminator is not None else None
         skipped_files = 0
         recent: tuple[torch.Tensor, ...] | None = None   # the latest training batch, for image grids
+        fakes: list[tuple[torch.Tensor, torch.Tensor]] = []   # (real, detached reconstruction) per micro-batch
 
         def tokenizer_loss(step: int):
             def compute(batch):
                 nonlocal skipped_files, recent
                 skipped_files += int(batch["skipped"].sum())
                 recent = load_batch(batch, partition, engine.device, on_device)
-                try:
-                    reconstruction, _ = model(*recent)
-                except ValueError as error:   # diverged weights: the decoder refuses non-finite tokens
-                    if "NaN or inf" not in str(error):
-                        raise
-                    engine.check_finite(step, {"tokens": torch.tensor(float("nan"))})
-                return losses.generator_loss(reconstruction, recent[0], step, frozen_discriminator, last_layer)
+                # validate=False: no host syncs; non-finite tokens (diverged weights, which the renderer skips)
+                # reach the NaN guard through this sum instead
+                reconstruction, tokens = model(*recent, validate=False)
+                engine.check_finite(step, {"tokens": tokens.detach().float().sum()})
+                target = recent[0].contiguous(memory_format=engine.memory_format)
+                if config.losses.discriminator_follows(step):
+                    fakes.append((target, reconstruction.detach()))
+                return losses.generator_loss(reconstruction, target, step, frozen_discriminator, last_layer)
             return compute
 
-        def discriminator_loss(batch):
+        def discriminator_loss(fake: tuple[torch.Tensor, torch.Tensor]):   # same_batch schedule
+            target, reconstruction = fake
+            return losses.discriminator_loss(discriminator, reconstruction, target)
+
+        def separate_discriminator_loss(batch):   # alternate schedule: a batch of its own, as released
             nonlocal skipped_files
             skipped_files += int(batch["skipped"].sum())
             images, geometry, boxes = load_batch(batch, partition, engine.device, on_device)
             with torch.no_grad():
-                reconstruction, _ = model(images, geometry, boxes)
-            return losses.discriminator_loss(discriminator, reconstruction, images)
+                reconstruction, _ = model(images, geometry, boxes, validate=False)
+            return losses.discriminator_loss(discriminator, reconstruction,
+                                             images.contiguous(memory_format=engine.memory_format))
+
+        def monitors_due(step: int) -> bool:
+            last = step == config.engine.max_steps
+            return bool((config.monitor.heldout_every and (step % config.monitor.heldout_every == 0 or last))
+                        or (config.monitor.image_every and step % config.monitor.image_every == 0))
 
         if heldout is not None and start == 0:
             engine.log_scalars(0, {"heldout_psnr": heldout_psnr(engine.unwrap(model), heldout)})
         images_per_step = config.optim.batch_size * config.engine.grad_accum_steps
         for step in engine.steps(start):
             if config.losses.is_discriminator_step(step):
-                metrics = engine.optimizer_step(step, discriminator, disc_optimizer, discriminator_loss, batches)
+                metrics = engine.optimizer_step(step, discriminator, disc_optimizer, separate_discriminator_loss,
+                                                batches)
+                trained_images = 0   # the tokenizer trains on no image in this step
             else:
                 metrics = engine.optimizer_step(step, model, optimizer, tokenizer_loss(step), batches)
                 engine.update_ema()
+                trained_images = images_per_step
+                if config.losses.discriminator_follows(step):
+                    disc_metrics = engine.optimizer_step(step, discriminator, disc_optimizer, discriminator_loss,
+                                                         iter(fakes))
+                    fakes.clear()
+                    disc_metrics.pop("loss")   # = gan_discriminator; "loss" stays the tokenizer's
+                    if "grad_norm" in disc_metrics:
+                        disc_metrics["discriminator_grad_norm"] = disc_metrics.pop("grad_norm")
+                    metrics.update(disc_metrics)
             metrics["skipped_files"] = float(skipped_files)
+            if monitors_due(step):
+                engine.verify_finite()   # the monitors check the model's inputs, which a NaN would trip first
             if heldout is not None and (step % config.monitor.heldout_every == 0 or step == config.engine.max_steps):
                 engine.log_scalars(step, {"heldout_psnr": heldout_psnr(engine.unwrap(model), heldout)})
             if engine.is_main_process and config.monitor.image_every and step % config.monitor.image_every == 0:
                 grid = reconstruction_grid(engine.unwrap(model), heldout or recent, config.monitor.image_count)
                 engine.log_image(step, "reconstruction", grid)
-            engine.end_step(step, metrics, images=images_per_step)
+            engine.end_step(step, metrics, images=trained_images)
         if skipped_files:
             logger.warning("%d unreadable file(s) were skipped in this run (see the warnings above)", skipped_files)
         return engine.export_ema(engine.output_dir / EMA_FILE)
