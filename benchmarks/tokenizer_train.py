@@ -17,10 +17,13 @@ the steps after `--warmup` (so compilation and cuDNN autotuning are excluded and
 `--profile` adds `--profile-steps` steps after the timed ones under torch.profiler (not timed) and copies
 each cell's table of the top CUDA kernels and operators to `--out/profile_<cell>.txt`. Before the cells, a
 data probe times the loader alone (same dataset, batch and workers) so a loader bottleneck shows as such.
-One GPU, the comparison the lead runs (about 9 minutes: ~40 s per eager cell, 1.5-3 min per compiled one):
+One GPU, the acceptance cells with their profiles (about 6 minutes: ~45 s per eager cell, ~2-3 min per compiled
+cell, most of it compilation; a cell that fails or passes `--cell-timeout` is reported and the next one runs):
 
     python benchmarks/tokenizer_train.py --gpus 1 --profile --out /tmp/out/tokenizer_train \
-        --cells bf16:eager bf16:channels_last bf16:compile bf16:compile+channels_last fp32:compile+channels_last
+        --cells bf16:eager bf16:compile+channels_last fp32:compile+channels_last
+
+and, if time is left, which switch does what: `--cells bf16:channels_last bf16:compile fp32:eager`.
 """
 from __future__ import annotations
 
@@ -83,10 +86,11 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict[str, float | str]:
         records = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
         if args.profile and (Path(output) / "profile.txt").is_file():
             args.out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(Path(output) / "profile.txt", args.out / f"profile_{cell.replace(':', '_')}.txt")
+            name = cell.replace(":", "_").replace("+", "_")   # plain file names only
+            shutil.copy(Path(output) / "profile.txt", args.out / f"profile_{name}.txt")
     timed = [r for r in records if args.warmup < r["step"] <= args.steps and "images_per_s" in r]
     rate = sum(r["images_per_s"] for r in timed) / len(timed)
-    return {"cell": cell, "images_per_s": rate, "step_ms": 1000 * 16 * args.gpus / rate,
+    return {"cell": cell, "images_per_s": rate, "update_ms": 1000 * 16 * args.gpus / rate,
             "data_wait_ms": sum(r["data_wait_ms"] for r in timed) / len(timed),
             "peak_memory_gib": max(r.get("peak_memory_gib", float("nan")) for r in timed), "wall_s": wall}
 
@@ -116,8 +120,10 @@ def data_probe(workers: int, batches: int, warmup: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=1)
-    parser.add_argument("--cells", nargs="+", default=["fp32:eager", "bf16:eager"],
+    parser.add_argument("--cells", nargs="+", default=None,
                         help="PRECISION:SWITCH+SWITCH, e.g. bf16:compile+channels_last (see the module doc)")
+    parser.add_argument("--precisions", nargs="+", choices=["no", "fp32", "bf16"], default=["no", "bf16"],
+                        help="without --cells: one eager cell per precision ('no' = fp32)")
     parser.add_argument("--steps", type=int, default=30, help="timed window ends here")
     parser.add_argument("--warmup", type=int, default=10, help="steps excluded from timing (compilation, autotuning)")
     parser.add_argument("--workers", type=int, default=8, help="loader workers per GPU")
@@ -129,6 +135,8 @@ def main() -> None:
                         help="folder for the profile tables and results.json")
     parser.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
     args = parser.parse_args()
+    if args.cells is None:
+        args.cells = [f"{'fp32' if precision == 'no' else precision}:eager" for precision in args.precisions]
     if args.warmup % 10 or args.steps % 10 or args.steps <= args.warmup:
         raise SystemExit("--warmup and --steps must be multiples of the log interval (10), steps > warmup")
     for cell in args.cells:
@@ -138,7 +146,7 @@ def main() -> None:
         rate = data_probe(args.workers, batches=20, warmup=4)
         lines.append(f"Loader alone ({args.workers} workers, photos, partition in workers): {rate:.0f} images/s\n")
         print(lines[-1], flush=True)
-    lines += ["| GPUs | cell | images/s (all GPUs) | ms per step | data wait ms/step | peak memory per GPU (GiB) | "
+    lines += ["| GPUs | cell | images/s (all GPUs) | ms per tokenizer update | data wait ms/step | peak memory per GPU (GiB) | "
               "cell wall s |", "|---|---|---|---|---|---|---|"]
     results = []
     for cell in args.cells:
@@ -147,7 +155,7 @@ def main() -> None:
         if "error" in result:
             lines.append(f"| {args.gpus} | {cell} | {result['error']} | | | | |")
         else:
-            lines.append(f"| {args.gpus} | {cell} | {result['images_per_s']:.1f} | {result['step_ms']:.0f} | "
+            lines.append(f"| {args.gpus} | {cell} | {result['images_per_s']:.1f} | {result['update_ms']:.0f} | "
                          f"{result['data_wait_ms']:.1f} | {result['peak_memory_gib']:.1f} | {result['wall_s']:.0f} |")
         print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"

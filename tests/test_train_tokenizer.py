@@ -117,16 +117,17 @@ def test_gan_schedules_and_images_counted(tmp_path):
 @pytest.mark.slow
 @needs_fashion
 def test_compiled_training_matches_eager(tmp_path):
-    """engine.compile (the parts `compile_parts` names, GAN included) logs the eager run's losses."""
+    """engine.compile (the parts `compile_parts` names, GAN included) logs the eager run's losses, to round-off
+    (a small learning rate keeps training from amplifying it)."""
     common = ["--config", CONFIG, "engine.log_every=1", "engine.max_steps=3", "optim.batch_size=2",
               "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0", "losses.gan_weight=0.3",
-              "losses.gan_start=1", "engine.channels_last=true"]
+              "losses.gan_start=0", "engine.channels_last=true", "optim.lr=1e-5", "optim.discriminator_lr=1e-5"]
     assert main([*common, f"engine.output_dir={tmp_path / 'eager'}"]) == 0
     assert main([*common, f"engine.output_dir={tmp_path / 'compiled'}", "engine.compile=true"]) == 0
     eager, compiled = loss_records(tmp_path / "eager"), loss_records(tmp_path / "compiled")
     assert [sorted(r) for r in eager] == [sorted(r) for r in compiled]
     for a, b in zip(eager, compiled):
-        assert all(b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5) for k in a), (a, b)
+        assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a), (a, b)
 
 
 def test_nan_loss_stops_the_tokenizer_run(tmp_path, capsys):

@@ -251,8 +251,8 @@ class GPSEncoder(nn.Module):
         batch, num, _ = boxes.shape
         height, width = images.shape[-2:]
         features = self.stem(images)
-        extent = boxes.new_tensor([width - 1, height - 1, width - 1, height - 1])
-        pixel_boxes = (boxes + 1) * extent / 2
+        extent = (width - 1, height - 1, width - 1, height - 1)   # Python numbers: no host-to-device copy (sync)
+        pixel_boxes = torch.stack([(boxes[..., i] + 1) * extent[i] / 2 for i in range(4)], dim=-1)
         image_index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(num)
         rois = torch.cat([image_index[:, None], pixel_boxes.reshape(batch * num, 4)], dim=1)
         pooled = roi_align(features, rois, output_size=self.roi_size, spatial_scale=1.0, sampling_ratio=-1,
