@@ -25,11 +25,10 @@ MAX_CHANNELS = CHANNEL_PADDINGS[-1]
 # Storage type of each supported token dtype, by the name used in the kernel source.
 STORAGE_TYPES = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t"}
 
-# Must match the kernel source: 16x16 pixel tiles, 256 threads per block (64 for the prepare kernel), a tile's token list built from at
+# Must match the kernel source: 16x16 pixel tiles, 256 threads per block, a tile's token list built from at
 # most THREADS 32-bit mask words, a `prep` row of 8 geometry floats before the padded features.
 TILE = 16
 THREADS = 256
-PREPARE_THREADS = 64
 MAX_TOKENS = 32 * THREADS
 GEO_FLOATS = 8
 
@@ -50,10 +49,17 @@ def channel_padding(channels: int) -> int:
     raise ValueError(f"the CUDA renderer handles at most {MAX_CHANNELS} channels, got {channels}")
 
 
+def round_size(cpt: int) -> int:
+    """Tokens culled per round into a forward block's shared list (ROUND_SIZE in render.cu)."""
+    return 256 if cpt <= 32 else 128
+
+
 def shared_memory_bytes(cpt: int, backward: bool) -> int:
-    """Dynamic shared memory of one block: forward, the prep rows of up to THREADS listed tokens; backward, the
-    tile's dL/dout (rows padded by 4 floats)."""
-    return THREADS * (cpt + 4 if backward else GEO_FLOATS + cpt) * 4
+    """Dynamic shared memory of one block: forward, a round's token geometry (32 bytes each) and features;
+    backward, the tile's dL/dout (rows padded by 4 floats)."""
+    if backward:
+        return THREADS * (cpt + 4) * 4
+    return round_size(cpt) * (32 + cpt * 4)
 
 
 def min_blocks(cpt: int) -> tuple[int, int]:
@@ -93,7 +99,6 @@ def cached_cubin(dtype_name: str, cpt: int, arch: str) -> bytes:
 class KernelSet:
     """The loaded kernels of one (device, dtype, channel padding) variant."""
 
-    prepare: object
     forward: object
     backward: object
     backward_deterministic: object
@@ -108,14 +113,12 @@ def device_arch(device_index: int) -> str:
 @lru_cache(maxsize=None)
 def load_kernels(device_index: int, dtype_name: str, cpt: int) -> KernelSet:
     """Compile (or fetch from the cache) and load one variant on a device."""
-    names = ("render_prepare", "render_forward", "render_backward", "render_backward_deterministic",
-             "reduce_tile_gradients")
+    names = ("render_forward", "render_backward", "render_backward_deterministic", "reduce_tile_gradients")
     kernels = nvrtc.load_module(device_index, lambda: cached_cubin(dtype_name, cpt, device_arch(device_index)), names)
     for name, backward in (("render_forward", False), ("render_backward", True),
                            ("render_backward_deterministic", True)):
         _allow_shared_memory(kernels[name], shared_memory_bytes(cpt, backward), device_index)
     return KernelSet(
-        prepare=kernels["render_prepare"],
         forward=kernels["render_forward"],
         backward=kernels["render_backward"],
         backward_deterministic=kernels["render_backward_deterministic"],

@@ -1,9 +1,9 @@
 """The CUDA renderer as PyTorch custom ops (`torch.library`), with its autograd formula.
 
-`splat_cuda::render_forward(tokens, height, width, dmax, deterministic) -> (map, prep, masks)` launches
-the prepare kernel (per-token geometry and padded float32 features in `prep` (B, N, 8 + CPT), the tiles
-each token touches as bits of `masks` (B, tiles, ceil(N / 32)) int32) and the forward kernel; the map is
-(B, C, H, W). `splat_cuda::render_backward(tokens, prep, masks, grad_out, height, width, dmax,
+`splat_cuda::render_forward(tokens, height, width, dmax, deterministic) -> (map, prep, masks)` renders
+the (B, C, H, W) map and leaves for the backward the tiles each token touches, as bits of `masks`
+(B, tiles, ceil(N / 32)) int32, and each token's derived geometry and float32 features, padded to the
+kernel's channel count, in `prep` (B, N, 8 + CPT). `splat_cuda::render_backward(tokens, prep, masks, grad_out, height, width, dmax,
 deterministic) -> (B, N, 5 + C)` reuses `prep` and `masks` (autograd keeps them; they are not
 differentiable). Every kernel covers the whole batch in one launch on PyTorch's current stream; the ops
 allocate only through PyTorch and never synchronise with the host, so they work in eager mode, under
@@ -25,7 +25,6 @@ from . import nvrtc
 from .compiler import (
     GEO_FLOATS,
     MAX_TOKENS,
-    PREPARE_THREADS,
     THREADS,
     TILE,
     channel_padding,
@@ -42,9 +41,8 @@ def _tiles(height: int, width: int) -> int:
     return ((height + TILE - 1) // TILE) * ((width + TILE - 1) // TILE)
 
 
-def _launch(kernel, device: torch.device, grid: tuple[int, int], shmem: int, *args,
-            block: int = THREADS) -> None:
-    nvrtc.launch(kernel, device.index, (grid[0], grid[1], 1), (block, 1, 1), shmem, *args)
+def _launch(kernel, device: torch.device, grid: tuple[int, int], shmem: int, *args) -> None:
+    nvrtc.launch(kernel, device.index, (grid[0], grid[1], 1), (THREADS, 1, 1), shmem, *args)
 
 
 def _kernels(tokens: torch.Tensor):
@@ -81,16 +79,13 @@ def render_forward(tokens: torch.Tensor, height: int, width: int, dmax: float,
     kernels = _kernels(tokens)
     out = torch.empty(batch, dim - 5, height, width, dtype=tokens.dtype, device=tokens.device)
     prep = torch.empty(batch, num, GEO_FLOATS + kernels.cpt, dtype=torch.float32, device=tokens.device)
-    masks = torch.zeros(_mask_shape(batch, num, height, width), dtype=torch.int32, device=tokens.device)
-    if tokens.numel() == 0 or out.numel() == 0:
-        return out.zero_(), prep, masks
+    masks = torch.empty(_mask_shape(batch, num, height, width), dtype=torch.int32, device=tokens.device)
+    if tokens.numel() == 0 or out.numel() == 0:  # nothing to draw (the backward returns zeros for N = 0)
+        return out.zero_(), prep, masks.zero_()
     sizes = (np.int32(num), np.int32(dim - 5), np.int32(height), np.int32(width))
     with torch.cuda.device(tokens.device):
-        _launch(kernels.prepare, tokens.device, ((batch * num + PREPARE_THREADS - 1) // PREPARE_THREADS, 1), 0,
-                tokens.data_ptr(), prep.data_ptr(), masks.data_ptr(), np.int64(batch * num), *sizes,
-                np.float32(dmax), block=PREPARE_THREADS)
         _launch(kernels.forward, tokens.device, (_tiles(height, width), batch), shared_memory_bytes(kernels.cpt, False),
-                prep.data_ptr(), masks.data_ptr(), out.data_ptr(), *sizes)
+                tokens.data_ptr(), prep.data_ptr(), masks.data_ptr(), out.data_ptr(), *sizes, np.float32(dmax))
     return out, prep, masks
 
 

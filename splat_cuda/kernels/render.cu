@@ -8,20 +8,19 @@
 // badly when |rho| -> 1). Pixel centres px = 2 j / (W - 1) - 1 are carried as a float pair (hi + lo)
 // so that dx keeps full relative precision even for tiny sigma.
 //
-// Three steps, each one launch for the whole batch:
-// 1. `render_prepare`, one thread per token: derives the token's geometry once (centre, box
-//    half-widths, 1/sigma, 1/(2(1-rho^2))) into a float32 row [geometry (8) | features padded to CPT]
-//    of `prep`, and sets the token's bit in the mask of every 16x16 pixel tile its box touches
-//    (`masks`: one bit per token per tile). Forward and backward share both (autograd keeps them).
-// 2. `render_forward`, one block of 256 threads per (tile, image): expands the tile's mask into a
-//    list of its tokens in token order (so sums are order-stable), then warp w owns an 8x4 pixel
-//    group, lane = pixel, channel accumulators in registers; a warp ballot skips the list entries
-//    whose box misses the group; geometry and features are read from `prep` (broadcast loads).
-// 3. `render_backward`, one block per (tile, image): stages the tile's dL/dout in shared memory;
-//    warp w owns list entries w, w + 8, ... and walks only the pixels of the token's box inside the
-//    tile (lane = pixel); per-lane partial sums are reduced across the warp once per (tile, token)
-//    and then either added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile
-//    buffer that `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
+// Work split: blocks of 256 threads, one per (16x16 pixel tile, image); blockIdx.y is the image, so a whole
+// batch is one launch of each kernel.
+// `render_forward`: each round the block tests ROUND tokens against the tile's box, compacts the hits (in token
+//   order, so sums are order-stable) into a shared list and stages their features; warp w owns an 8x4 pixel
+//   group, lane = pixel, channel accumulators in registers; a warp ballot skips the list entries whose box misses
+//   the group. On the way it writes what the backward needs: the tile's mask (one bit per token whose box touches
+//   the tile: the round's ballots, stored as they are) and, for the tokens i with i % tiles == tile, the token's
+//   derived geometry (centre, box half-widths, 1/sigma, 1/(2(1-rho^2))) and float32 features as a `prep` row.
+// `render_backward`: expands the tile's mask into the list of its tokens, stages the tile's dL/dout in shared
+//   memory; warp w owns list entries w, w + 8, ... and walks only the pixels of the token's box inside the tile
+//   (lane = pixel); per-lane partial sums are reduced across the warp once per (tile, token) and then either
+//   added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that
+//   `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
 //
 // Entry points are extern "C" (no name mangling), instantiated per (dtype, CPT) by the host (see the
 // end of this file). CPT is the channel count padded to 4, 8, 16, 32 or 64.
@@ -30,9 +29,9 @@
 #define TILE 16
 #define THREADS 256
 #define WARPS 8
-// Threads per block of the prepare kernel (one token each): small blocks spread a batch over every SM.
-#define PREPARE_THREADS 64
-// A tile's token list is built from at most THREADS mask words: N <= 32 * THREADS tokens
+// Tokens culled per round into the forward block's shared list (splat_cuda/compiler.py mirrors this).
+#define ROUND_SIZE(CPT) ((CPT) <= 32 ? 256 : 128)
+// The backward builds a tile's token list from at most THREADS mask words: N <= 32 * THREADS tokens
 // (splat_cuda/compiler.py mirrors this).
 #define MAX_TOKENS (32 * THREADS)
 // Floats of geometry at the start of a `prep` row (the Geo struct below).
@@ -177,7 +176,7 @@ __device__ __forceinline__ void transpose_reduce(float (&v)[M], int lane) {
     }
 }
 
-// ---- prepare: per-token geometry, padded float32 features, tile masks ----
+// ---- the forward's by-products the backward reuses: tile masks and per-token `prep` rows ----
 
 // Candidate tile range of a box (one tile of slack on each side; the exact test decides). In double, so
 // that no rounding of large coordinates can push a touched tile out of the range.
@@ -200,15 +199,6 @@ __device__ __forceinline__ const float* prep_row(const float* prep, size_t token
     return prep + token * (GEO_FLOATS + CPT);
 }
 
-__device__ __forceinline__ Geo shared_geo(const float* row) {
-    const float4 a = reinterpret_cast<const float4*>(row)[0];
-    const float4 b = reinterpret_cast<const float4*>(row)[1];
-    Geo g;
-    g.mx = a.x; g.my = a.y; g.hx = a.z; g.hy = a.w;
-    g.isx = b.x; g.isy = b.y; g.rho = b.z; g.hinv = b.w;
-    return g;
-}
-
 __device__ __forceinline__ Geo load_geo(const float* row) {
     const float4 a = __ldg(reinterpret_cast<const float4*>(row));
     const float4 b = __ldg(reinterpret_cast<const float4*>(row) + 1);
@@ -216,38 +206,6 @@ __device__ __forceinline__ Geo load_geo(const float* row) {
     g.mx = a.x; g.my = a.y; g.hx = a.z; g.hy = a.w;
     g.isx = b.x; g.isy = b.y; g.rho = b.z; g.hinv = b.w;
     return g;
-}
-
-template <typename T, int CPT>
-__device__ __forceinline__ void prepare(const T* __restrict__ tokens, float* __restrict__ prep,
-                                        unsigned* __restrict__ masks, long long total, int N, int C, int H, int W,
-                                        float dmax) {
-    const long long first = (long long)blockIdx.x * PREPARE_THREADS;
-    const long long item = first + threadIdx.x;
-    const int D = 5 + C;
-    if (item < total) {
-        const Geo g = make_geo(tokens + item * D, dmax);
-        float4* row = reinterpret_cast<float4*>(prep + item * (GEO_FLOATS + CPT));
-        row[0] = make_float4(g.mx, g.my, g.hx, g.hy);
-        row[1] = make_float4(g.isx, g.isy, g.rho, g.hinv);
-        const int b = (int)(item / N), i = (int)(item % N);
-        const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
-        const int words = (N + 31) >> 5;
-        const double step_x = grid_step(W), step_y = grid_step(H);
-        const TileRange r = tile_range(g, H, W);
-        for (int ty = r.y0; ty <= r.y1; ++ty)
-            for (int tx = r.x0; tx <= r.x1; ++tx)
-                if (box_touches(g, pixel_rect(tx * TILE, ty * TILE, TILE, TILE, W, H, step_x, step_y)))
-                    atomicOr(masks + ((size_t)b * num_tiles + ty * tiles_x + tx) * words + (i >> 5), 1u << (i & 31));
-    }
-    // features of the block's tokens: consecutive threads copy consecutive channels (independent loads)
-#pragma unroll 4
-    for (int e = threadIdx.x; e < PREPARE_THREADS * CPT; e += PREPARE_THREADS) {
-        const long long token = first + e / CPT;
-        const int k = e % CPT;
-        if (token < total)
-            prep[token * (GEO_FLOATS + CPT) + GEO_FLOATS + k] = (k < C) ? to_float(tokens[token * D + 5 + k]) : 0.0f;
-    }
 }
 
 // ---- a tile's token list, from its mask ----
@@ -302,14 +260,69 @@ __device__ __forceinline__ void expand_tile_list(int words, int start, TileList&
     __syncthreads();
 }
 
+// ---- culling a round of tokens into the forward block's shared list ----
+// Tests tokens [base, base + ROUND) against the tile, writes the hits in token order to geo_s and
+// idx_s, stages their features (padded to CPT with zeros) in feat_s, and returns the list length.
+// Also stores the round's words of the tile's mask and the `prep` rows of the round's tokens that this
+// tile writes (i % tiles == tile).
+template <typename T, int CPT, int ROUND>
+__device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C, float dmax, const Rect& tile,
+                                          unsigned* mask_tile, float* prep_b, int num_tiles, Geo* geo_s,
+                                          int* idx_s, float* feat_s, int* warp_count) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int D = 5 + C;
+    const int i = base + tid;
+    bool hit = false;
+    Geo gd;
+    if (tid < ROUND && i < N) {
+        gd = make_geo(tok_b + (size_t)i * D, dmax);
+        hit = box_touches(gd, tile);
+        if (i % num_tiles == (int)blockIdx.x) {
+            float* row = prep_b + (size_t)i * (GEO_FLOATS + CPT);
+            reinterpret_cast<float4*>(row)[0] = make_float4(gd.mx, gd.my, gd.hx, gd.hy);
+            reinterpret_cast<float4*>(row)[1] = make_float4(gd.isx, gd.isy, gd.rho, gd.hinv);
+            for (int k = 0; k < CPT; ++k) row[GEO_FLOATS + k] = (k < C) ? to_float(tok_b[(size_t)i * D + 5 + k]) : 0.0f;
+        }
+    }
+    const unsigned mask = __ballot_sync(FULL_MASK, hit);
+    if (lane == 0) {
+        warp_count[warp] = __popc(mask);
+        if (tid < ROUND && base + 32 * warp < N) mask_tile[(base >> 5) + warp] = mask;
+    }
+    __syncthreads();
+    int offset = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        const int c = warp_count[w];
+        offset += (w < warp) ? c : 0;
+        total += c;
+    }
+    if (hit) {
+        const int slot = offset + __popc(mask & ((1u << lane) - 1u));
+        geo_s[slot] = gd;
+        idx_s[slot] = i;
+    }
+    __syncthreads();
+    for (int t = tid; t < total * CPT; t += THREADS) {
+        const int j = t / CPT, k = t % CPT;
+        feat_s[t] = (k < C) ? to_float(tok_b[(size_t)idx_s[j] * D + 5 + k]) : 0.0f;
+    }
+    __syncthreads();
+    return total;
+}
+
 // ---- forward ----
 template <typename T, int CPT>
-__device__ __forceinline__ void forward(const float* __restrict__ prep, const unsigned* __restrict__ masks,
-                                        T* __restrict__ out, int N, int C, int H, int W) {
-    constexpr int ROW = GEO_FLOATS + CPT;
+__device__ __forceinline__ void forward(const T* __restrict__ tokens, float* __restrict__ prep,
+                                        unsigned* __restrict__ masks, T* __restrict__ out, int N, int C, int H, int W,
+                                        float dmax) {
+    constexpr int ROUND = ROUND_SIZE(CPT);
     extern __shared__ float4 smem4[];
-    const float* rows_s = reinterpret_cast<const float*>(smem4);  // the listed tokens' prep rows
-    __shared__ TileList tl;
+    Geo* geo_s = reinterpret_cast<Geo*>(smem4);
+    float* feat_s = reinterpret_cast<float*>(geo_s + ROUND);
+    __shared__ int idx_s[ROUND];
+    __shared__ int warp_count[WARPS];
+
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int b = blockIdx.y;
     const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
@@ -318,35 +331,29 @@ __device__ __forceinline__ void forward(const float* __restrict__ prep, const un
     const int x = gx0 + (lane & 7), y = gy0 + (lane >> 3);
     const bool group_in_map = gx0 < W && gy0 < H;
     const double step_x = grid_step(W), step_y = grid_step(H);
+    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H, step_x, step_y);
     const Rect group = pixel_rect(min(gx0, W - 1), min(gy0, H - 1), 8, 4, W, H, step_x, step_y);
     const float2 px = pixel_coord(x, step_x), py = pixel_coord(y, step_y);
-    const int words = (N + 31) >> 5;
-    const float* prep_b = prep + (size_t)b * N * (GEO_FLOATS + CPT);
 
+    const T* tok_b = tokens + (size_t)b * N * (5 + C);
+    unsigned* mask_tile = masks + ((size_t)b * num_tiles + blockIdx.x) * ((N + 31) >> 5);
+    float* prep_b = prep + (size_t)b * N * (GEO_FLOATS + CPT);
     float acc[CPT];
 #pragma unroll
     for (int k = 0; k < CPT; ++k) acc[k] = 0.0f;
 
-    const int total = count_tile_tokens(masks + ((size_t)b * num_tiles + blockIdx.x) * words, words, tl);
-    for (int start = 0; start < total; start += THREADS) {
-        expand_tile_list(words, start, tl);
-        const int count = min(THREADS, total - start);
-#pragma unroll 4
-        for (int t = tid; t < count * (ROW / 4); t += THREADS)
-            smem4[t] = __ldg(reinterpret_cast<const float4*>(prep_row<CPT>(prep_b, tl.list_s[t / (ROW / 4)])) +
-                             t % (ROW / 4));
-        __syncthreads();
+    for (int base = 0; base < N; base += ROUND) {
+        const int total = cull_round<T, CPT, ROUND>(tok_b, base, N, C, dmax, tile, mask_tile, prep_b, num_tiles,
+                                                    geo_s, idx_s, feat_s, warp_count);
         if (group_in_map) {
-            for (int wb = 0; wb < count; wb += 32) {
+            for (int wb = 0; wb < total; wb += 32) {
                 const int j = wb + lane;
-                const bool touch = j < count && box_touches(shared_geo(rows_s + j * ROW), group);
-                unsigned hits = __ballot_sync(FULL_MASK, touch);
+                unsigned hits = __ballot_sync(FULL_MASK, j < total && box_touches(geo_s[j], group));
                 while (hits) {
                     const int jj = wb + __ffs(hits) - 1;
                     hits &= hits - 1u;
-                    const float* row = rows_s + jj * ROW;
-                    const float g = pixel_weight(shared_geo(row), px, py).g;
-                    const float4* f4 = reinterpret_cast<const float4*>(row + GEO_FLOATS);
+                    const float g = pixel_weight(geo_s[jj], px, py).g;
+                    const float4* f4 = reinterpret_cast<const float4*>(feat_s + jj * CPT);
 #pragma unroll
                     for (int k4 = 0; k4 < CPT / 4; ++k4) {
                         const float4 f = f4[k4];
@@ -358,7 +365,7 @@ __device__ __forceinline__ void forward(const float* __restrict__ prep, const un
                 }
             }
         }
-        __syncthreads();  // the next window overwrites the list
+        __syncthreads();  // the next round overwrites the shared list
     }
     if (x < W && y < H) {
         T* o = out + (size_t)b * C * H * W + (size_t)y * W + x;
@@ -544,16 +551,12 @@ __device__ __forceinline__ void reduce_tiles(const float* __restrict__ prep, con
 
 // ---- entry points ----
 // The host appends one `SPLAT_INSTANTIATE(storage type, CPT)` line per compiled variant, so each
-// program holds only the five kernels one (dtype, channel padding) pair needs.
+// program holds only the four kernels one (dtype, channel padding) pair needs.
 #define SPLAT_INSTANTIATE(T, CPT)                                                                      \
-    extern "C" __global__ void __launch_bounds__(PREPARE_THREADS) render_prepare(                     \
-        const T* tokens, float* prep, unsigned* masks, long long total, int N, int C, int H, int W,    \
-        float dmax) {                                                                                  \
-        prepare<T, CPT>(tokens, prep, masks, total, N, C, H, W, dmax);                                 \
-    }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, FORWARD_MIN_BLOCKS)                            \
-        render_forward(const float* prep, const unsigned* masks, T* out, int N, int C, int H, int W) { \
-        forward<T, CPT>(prep, masks, out, N, C, H, W);                                                 \
+        render_forward(const T* tokens, float* prep, unsigned* masks, T* out, int N, int C, int H, int W,    \
+                       float dmax) {                                                                   \
+        forward<T, CPT>(tokens, prep, masks, out, N, C, H, W, dmax);                                   \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS) render_backward(           \
         const float* prep, const unsigned* masks, const T* dout, float* grad, int N, int C, int H,     \
