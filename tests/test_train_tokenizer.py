@@ -71,10 +71,11 @@ def test_resume_after_kill_continues_identically(tmp_path):
               "losses.gan_weight=0.3", "losses.gan_start=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     reference = _train_process(*common, f"engine.output_dir={straight}", "engine.max_steps=9")
-    # A long run, so it is surely still training when it is killed just after writing its first checkpoint.
+    # A long run, so it is surely still training when it is killed: once its first checkpoint (step 3) is
+    # complete and a later step has been logged.
     victim = _train_process(*common, f"engine.output_dir={killed}", "engine.max_steps=100000")
     deadline = time.monotonic() + 120
-    while not any(r["step"] > 3 for r in read_metrics(killed)):
+    while not (find_checkpoints(killed) and any(r["step"] > 3 for r in read_metrics(killed))):
         assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)

@@ -157,7 +157,8 @@ class _ProfileWindow:
         self.profiler.__exit__(None, None, None)
         return seconds
 
-    def finish(self, path: Path, first_step: int, last_step: int) -> None:
+    def finish(self, path: Path, first_step: int, last_step: int) -> dict[str, float]:
+        """Stop, write the tables to `path`; returns the GPU kernel time and host syncs per step (CUDA only)."""
         seconds = self.stop()
         syncs = sum("synchronizing CUDA operation" in str(w.message) for w in self.caught)
         events = self.profiler.key_averages()
@@ -179,14 +180,18 @@ class _ProfileWindow:
                 lines.append(f"{total / 1000:10.2f} {100 * total / max(busy * 1e6, 1e-9):5.1f}% {event.count:7d} "
                              f"{total / event.count:9.1f}  {event.key[:150]}")
             sort = "device_time_total"
+            summary = {"profile_gpu_kernel_ms_per_step": 1000 * busy / steps,
+                       "profile_host_syncs_per_step": syncs / steps}
         else:
             sort = "self_cpu_time_total"
+            summary = {}
         lines += ["", f"Top {self.ROWS} operators by {sort} (nested operators repeat their children's time):",
                   events.table(sort_by=sort, row_limit=self.ROWS, max_name_column_width=70),
                   f"Top {self.ROWS} operators and input shapes by {sort}:",
                   self.profiler.key_averages(group_by_input_shape=True).table(
                       sort_by=sort, row_limit=self.ROWS, max_name_column_width=50, max_shapes_column_width=70)]
         path.write_text("\n".join(lines) + "\n")
+        return summary
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -207,7 +212,7 @@ class EngineConfig:
     checkpoint_every: int = 5000        # steps between checkpoints; the last step is always saved
     keep_checkpoints: int = 3           # keep the newest K complete checkpoints
     log_every: int = 50                 # steps between scalar log records (and NaN-guard reads)
-    compile: bool = False               # torch.compile (inductor, dynamic=False) the models or the parts a trainer names
+    compile: bool = False               # torch.compile (inductor, dynamic=False): models, or parts a trainer names
     channels_last: bool = False         # the conv networks a trainer names in channels-last memory format
     tf32: bool = True                   # CUDA fp32 matmuls and convolutions on TF32 tensor cores (false: strict fp32)
     cudnn_benchmark: bool = True        # cuDNN times its algorithms once per shape and keeps the fastest
@@ -265,6 +270,7 @@ class TrainingEngine:
             cpu=not torch.cuda.is_available(),  # several CPU processes then talk through gloo
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum_steps,
+            dynamo_backend="no",   # compilation is engine.compile's alone (`prepare`, `compile_module`)
             step_scheduler_with_optimizer=False,
         )
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -409,8 +415,11 @@ class TrainingEngine:
                 self._profiler = _ProfileWindow(self.device)
             yield step
             if step == profile_last and self._profiler is not None:
-                self._profiler.finish(self.output_dir / PROFILE_FILE, first_step=profile_first, last_step=step)
+                summary = self._profiler.finish(self.output_dir / PROFILE_FILE, first_step=profile_first,
+                                                last_step=step)
                 self._profiler = None
+                if summary:
+                    self.log_scalars(step, summary)
                 logger.info("profile of steps %d-%d written to %s", profile_first, step,
                             self.output_dir / PROFILE_FILE)
 
@@ -468,7 +477,9 @@ class TrainingEngine:
     def end_step(self, step: int, metrics: Mapping[str, torch.Tensor | float], images: int | None = None) -> None:
         """Bookkeeping after step `step`: progress bar, scalar logs every `log_every`, checkpoint every
         `checkpoint_every` and at the last step; the NaN guard is read before either. `images` = images this
-        process trained the main model on in the step (0 for a step that trains something else)."""
+        process trained the main model on in the step (0 for a step that trains something else). A record holds
+        the metrics (averaged over processes), `images_per_s` (all processes), `data_wait_ms` (host time spent
+        waiting for batches, per step) and on CUDA `peak_memory_gib` (peak allocated since the last record)."""
         self._progress.update(1)
         self._images += images or 0
         log = step % self.config.log_every == 0 or step == self.config.max_steps
@@ -484,8 +495,9 @@ class TrainingEngine:
                 record["images_per_s"] = rate
                 self._progress.set_postfix(img_s=f"{rate:.1f}", loss=f"{record.get('loss', math.nan):.4f}")
             record["data_wait_ms"] = 1000.0 * self._data_wait / steps
-            if self.device.type == "cuda":
+            if self.device.type == "cuda":   # the peak of this log window (not of the first steps' autotuning)
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                torch.cuda.reset_peak_memory_stats(self.device)
             self._last_time, self._last_step, self._images, self._data_wait = now, step, 0, 0.0
             self.log_scalars(step, record)
         if save:
