@@ -428,8 +428,8 @@ class TrainingEngine:
                        batches: Iterator[Any]) -> dict[str, torch.Tensor]:
         """One optimizer step of `model` over `grad_accum_steps` micro-batches drawn from `batches`.
 
-        `loss_fn(batch) -> (loss, terms)` runs under autocast; every term and the loss go to the NaN guard
-        (`check_finite`). Returns the terms averaged over the micro-batches (detached, on the device) plus
+        `loss_fn(batch) -> (loss, terms)` runs under autocast; every term and the loss (and the gradient norm
+        when clipping) go to the NaN guard (`check_finite`). Returns the terms averaged over the micro-batches (detached, on the device) plus
         `grad_norm` when clipping is on."""
         accumulated: dict[str, torch.Tensor] = {}
         for _ in range(self.config.grad_accum_steps):
@@ -443,6 +443,7 @@ class TrainingEngine:
         if self.config.grad_clip_norm > 0:
             norm = self.accelerator.clip_grad_norm_(model.parameters(), self.config.grad_clip_norm)
             accumulated["grad_norm"] = norm.detach().float()
+            self.check_finite(step, {"grad_norm": norm})   # a NaN gradient behind finite losses
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return accumulated
