@@ -66,7 +66,9 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict[str, float | str]:
     precision, overrides = parse_cell(cell)
     profile = ([f"engine.profile_at={args.steps}", f"engine.profile_steps={args.profile_steps}"]
                if args.profile else [])
-    max_steps = args.steps + (args.profile_steps if args.profile else 0)
+    # one more step after the profiled ones: the last step writes the final checkpoint (a device-to-host copy of
+    # every weight and optimizer state), which must not fall inside the profile window
+    max_steps = args.steps + (args.profile_steps + 1 if args.profile else 0)
     with tempfile.TemporaryDirectory() as output:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                    "--num_processes", str(args.gpus), "--mixed_precision", precision, "--dynamo_backend", "no",
