@@ -133,7 +133,11 @@ def _check_images(images: np.ndarray, tile_size: int) -> None:
         raise TypeError(f"images must be uint8 RGB, got dtype {images.dtype}")
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB of shape (H, W, 3) or (B, H, W, 3), got shape {images.shape}")
-    height, width = images.shape[1:3]
+    check_tile_sides(*images.shape[1:3], tile_size)
+
+
+def check_tile_sides(height: int, width: int, tile_size: int) -> None:
+    """Image sides must be positive multiples of the tile size (they are cut into row-major tiles)."""
     if height == 0 or width == 0 or height % tile_size or width % tile_size:
         raise ValueError(f"image sides ({height} x {width}) must be positive multiples of tile_size={tile_size}")
 

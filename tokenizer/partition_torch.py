@@ -30,6 +30,7 @@ from tokenizer.partition import (
     SCORE_SIDE,
     _check_settings,
     _token_columns,
+    check_tile_sides,
 )
 
 
@@ -39,9 +40,7 @@ def check_image_batch(images: torch.Tensor, tile_size: int) -> None:
         raise TypeError(f"images must be a uint8 torch tensor, got {getattr(images, 'dtype', type(images))}")
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB of shape (B, H, W, 3), got shape {tuple(images.shape)}")
-    height, width = images.shape[1:3]
-    if height == 0 or width == 0 or height % tile_size or width % tile_size:
-        raise ValueError(f"image sides ({height} x {width}) must be positive multiples of tile_size={tile_size}")
+    check_tile_sides(*images.shape[1:3], tile_size)
 
 
 def entropy_partition_torch(

@@ -31,9 +31,8 @@
 #define WARPS 8
 // Tokens culled per round into the forward block's shared list (splat_cuda/compiler.py mirrors this).
 #define ROUND_SIZE(CPT) ((CPT) <= 32 ? 256 : 128)
-// The backward builds a tile's token list from at most THREADS mask words: N <= 32 * THREADS tokens
-// (splat_cuda/compiler.py mirrors this).
-#define MAX_TOKENS (32 * THREADS)
+// The backward builds a tile's token list from at most THREADS mask words (one per thread), so N <= 32 * THREADS
+// tokens (splat_cuda.compiler.MAX_TOKENS; the host refuses more).
 // Floats of geometry at the start of a `prep` row (the Geo struct below).
 #define GEO_FLOATS 8
 // FORWARD_MIN_BLOCKS and BACKWARD_MIN_BLOCKS (blocks per SM the compiler must leave registers for:
