@@ -4,6 +4,7 @@
 # previous package is carried in .oldpkg/ (splat_cuda/ and benchmarks/renderer.py of an earlier commit:
 # `git archive <commit> splat_cuda | tar x -C .oldpkg`), and Nsight Compute's summary of the first case.
 # Logs and tables go to $OUT.  Usage: CUDA_VISIBLE_DEVICES=0 bash benchmarks/gpu_renderer.sh
+# RENDERER_STEPS picks the steps (default: "tests bench sweep old ncu"; "source" adds per-instruction counts).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -15,14 +16,21 @@ step() {  # step NAME SECONDS COMMAND...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/renderer_steps.txt"
 }
-step renderer_tests 240 python3 -m pytest tests/test_render_cuda.py -q -m "not slow" -p no:cacheprovider
-step renderer_bench 180 python3 benchmarks/renderer.py --markdown "$OUT/renderer.md"
-step renderer_sweep 200 python3 benchmarks/renderer.py --cases 0 1 --reps 20 \
-  --sweep-min-blocks 3,3 4,3 4,2 3,2 2,2 --markdown "$OUT/renderer_sweep.md"
-if [ -d .oldpkg/splat_cuda ]; then
+STEPS=" ${RENDERER_STEPS:-tests bench sweep old ncu} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+want tests && step renderer_tests 240 python3 -m pytest tests/test_render_cuda.py -q -m "not slow" -p no:cacheprovider
+want bench && step renderer_bench 180 python3 benchmarks/renderer.py --markdown "$OUT/renderer.md"
+want sweep && step renderer_sweep 200 python3 benchmarks/renderer.py --cases 0 1 --reps 20 \
+  --sweep-min-blocks 3,3 4,3 3,2 --markdown "$OUT/renderer_sweep.md"
+if want old && [ -d .oldpkg/splat_cuda ]; then
   step renderer_old 90 env SPLAT_CUDA_CACHE=/tmp/splat_cache_old python3 .oldpkg/benchmarks/renderer.py --cases 0 1 --reps 20
 fi
-if command -v ncu > /dev/null; then
+if want ncu && command -v ncu > /dev/null; then
   step renderer_ncu 120 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats -k regex:render_ -c 6 python3 benchmarks/renderer.py --profile 1
+fi
+if want source && command -v ncu > /dev/null; then  # per-instruction counts and stall samples of the first case
+  step renderer_source 120 ncu --section SourceCounters --section InstructionStats --section WarpStateStats \
+    -k regex:render_ -c 2 -o "$OUT/renderer_profile" python3 benchmarks/renderer.py --profile 1
+  ncu --import "$OUT/renderer_profile.ncu-rep" --page source --print-source sass --csv > "$OUT/renderer_sass.csv" 2>&1
 fi

@@ -9,7 +9,7 @@
 // so that dx keeps full relative precision even for tiny sigma.
 //
 // Work split: blocks of 256 threads, one per (16x16 pixel tile, image); blockIdx.y is the image, so a whole
-// batch is one launch of each kernel.
+// batch is one launch of each kernel. The tile's pixel centres are staged once in shared memory.
 // `render_forward`: each round the block tests ROUND tokens against the tile's box, compacts the hits (in token
 //   order, so sums are order-stable) into a shared list and stages their features; warp w owns an 8x4 pixel
 //   group, lane = pixel, channel accumulators in registers; a warp ballot skips the list entries whose box misses
@@ -17,8 +17,10 @@
 //   the tile: the round's ballots, stored as they are) and, for the tokens i with i % tiles == tile, the token's
 //   derived geometry (centre, box half-widths, 1/sigma, 1/(2(1-rho^2))) and float32 features as a `prep` row.
 // `render_backward`: expands the tile's mask into the list of its tokens, stages the tile's dL/dout in shared
-//   memory; warp w owns list entries w, w + 8, ... and walks only the pixels of the token's box inside the tile
-//   (lane = pixel); per-lane partial sums are reduced across the warp once per (tile, token) and then either
+//   memory; each half-warp takes one list entry at a time (the next one nobody has taken, from a shared counter,
+//   so that the work evens out) and walks only the pixels of the token's box inside the tile (16 lanes = 16
+//   pixels), with the token's `prep` row copied into shared memory (cp.async) while the previous token is
+//   processed; per-lane partial sums are reduced across the half-warp once per (tile, token) and then either
 //   added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that
 //   `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
 //
@@ -29,6 +31,7 @@
 #define TILE 16
 #define THREADS 256
 #define WARPS 8
+#define HALF_WARP 16
 // Tokens culled per round into the forward block's shared list (splat_cuda/compiler.py mirrors this).
 #define ROUND_SIZE(CPT) ((CPT) <= 32 ? 256 : 128)
 // The backward builds a tile's token list from at most THREADS mask words (one per thread), so N <= 32 * THREADS
@@ -105,6 +108,13 @@ __device__ __forceinline__ float2 pixel_coord(int j, double step) {
     return make_float2(hi, (float)(c - (double)hi));
 }
 
+// Hides how a value was computed, so that the compiler keeps it in a register instead of recomputing it (in
+// double precision) inside a loop.
+__device__ __forceinline__ float2 in_register(float2 v) {
+    asm volatile("" : "+f"(v.x), "+f"(v.y));
+    return v;
+}
+
 // Conservative box-vs-rectangle test: true whenever some pixel centre in [x_lo, x_hi] x [y_lo, y_hi]
 // can pass the exact per-pixel box test. The margin (1e-5 relative) absorbs every rounding of the
 // per-pixel test. Written with _rn intrinsics so that every kernel evaluates it bit for bit alike:
@@ -116,20 +126,29 @@ __device__ __forceinline__ bool box_touches(const Geo& g, float x_lo, float x_hi
            __fsub_rn(g.my, g.hy) <= __fadd_rn(y_hi, mym) && __fadd_rn(g.my, g.hy) >= __fsub_rn(y_lo, mym);
 }
 
-// Bounds (first and last pixel centre, clamped to the map) of the rectangle of pixels
-// [x0, x0 + w) x [y0, y0 + h).
+// A tile's pixel centres, in shared memory: col_s[i] of column min(x0 + i, W - 1), row_s[i] of row
+// min(y0 + i, H - 1) (clamped: columns and rows past the map repeat its last one). Needs a barrier before use.
+__device__ __forceinline__ void stage_pixel_coords(float2* col_s, float2* row_s, int x0, int y0, int W, int H) {
+    const int t = threadIdx.x;
+    if (t < TILE) col_s[t] = pixel_coord(min(x0 + t, W - 1), grid_step(W));
+    else if (t < 2 * TILE) row_s[t - TILE] = pixel_coord(min(y0 + t - TILE, H - 1), grid_step(H));
+}
+
+// Bounds (first and last pixel centre) of the tile's columns [i0, i1] and rows [j0, j1], from the staged centres.
 struct Rect { float x_lo, x_hi, y_lo, y_hi; };
-__device__ __forceinline__ Rect pixel_rect(int x0, int y0, int w, int h, int W, int H, double step_x,
-                                           double step_y) {
-    Rect r;
-    r.x_lo = pixel_coord(x0, step_x).x;
-    r.x_hi = pixel_coord(min(x0 + w, W) - 1, step_x).x;
-    r.y_lo = pixel_coord(y0, step_y).x;
-    r.y_hi = pixel_coord(min(y0 + h, H) - 1, step_y).x;
-    return r;
+__device__ __forceinline__ Rect pixel_rect(const float2* col_s, const float2* row_s, int i0, int i1, int j0, int j1) {
+    return Rect{col_s[i0].x, col_s[i1].x, row_s[j0].x, row_s[j1].x};
 }
 __device__ __forceinline__ bool box_touches(const Geo& g, const Rect& r) {
     return box_touches(g, r.x_lo, r.x_hi, r.y_lo, r.y_hi);
+}
+
+// e^-q for q >= 0 as 2^(-q log2 e) with the hardware approximation (relative error about 2^-22; weights below
+// 2^-126 flush to zero, far under the resolution of any sum they join).
+__device__ __forceinline__ float exp_neg(float q) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(q * -1.4426950408889634f));
+    return r;
 }
 
 // Everything the weight and its derivatives need at one pixel.
@@ -148,7 +167,7 @@ __device__ __forceinline__ Weight pixel_weight(const Geo& gd, float2 px, float2 
     w.ep = fmaf(-gd.rho, w.ux, w.uy);
     const float q = fmaf(w.e * w.e, gd.hinv, 0.5f * w.uy * w.uy);
     const bool inside = fabsf(dx) <= gd.hx && fabsf(dy) <= gd.hy;
-    w.g = inside ? __expf(-q) : 0.0f;
+    w.g = inside ? exp_neg(q) : 0.0f;
     return w;
 }
 
@@ -198,13 +217,34 @@ __device__ __forceinline__ const float* prep_row(const float* prep, size_t token
     return prep + token * (GEO_FLOATS + CPT);
 }
 
-__device__ __forceinline__ Geo load_geo(const float* row) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(row));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(row) + 1);
+// The Geo of the first two float4s of a `prep` row.
+__device__ __forceinline__ Geo geo_from(float4 a, float4 b) {
     Geo g;
     g.mx = a.x; g.my = a.y; g.hx = a.z; g.hy = a.w;
     g.isx = b.x; g.isy = b.y; g.rho = b.z; g.hinv = b.w;
     return g;
+}
+
+// 16 bytes from global to shared memory without passing through registers, in flight until waited for
+// (cp.async on sm_80 and newer; a plain copy before).
+__device__ __forceinline__ void copy_16_async(float4* dst, const float4* src) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+                 : "memory");
+#else
+    *dst = __ldg(src);
+#endif
+}
+__device__ __forceinline__ void commit_async_copies() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most one of this thread's committed groups of copies is still in flight.
+__device__ __forceinline__ void wait_async_copies_but_one() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
 }
 
 // ---- a tile's token list, from its mask ----
@@ -218,10 +258,10 @@ struct TileList {
     int list_s[THREADS];
 };
 
-// Returns the list length. Ends with a barrier.
-__device__ __forceinline__ int count_tile_tokens(const unsigned* __restrict__ mask_tile, int words, TileList& tl) {
+// `bits` is this thread's mask word (word threadIdx.x of the tile's mask, 0 past its end). Returns the list
+// length. Ends with a barrier.
+__device__ __forceinline__ int count_tile_tokens(unsigned bits, TileList& tl) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const unsigned bits = tid < words ? __ldg(mask_tile + tid) : 0u;
     const int count = __popc(bits);
     int inclusive = count;
 #pragma unroll
@@ -259,6 +299,31 @@ __device__ __forceinline__ void expand_tile_list(int words, int start, TileList&
     __syncthreads();
 }
 
+// ---- copying feature rows, several loads in flight per thread ----
+// store(r, k, load(r, k)) for rows r in [0, rows) and channels k in [0, CPT). A row takes min(CPT, 32) lanes of
+// a warp (lane = channel), warp w the rows w, w + WARPS, ... (several rows per warp when CPT < 32). Each lane
+// issues UNROLL rows' loads before their stores, so the round trips to L2 overlap (a plain loop would wait for
+// each load: the compiler cannot move a global load above a store that might alias it).
+template <int CPT, int UNROLL, typename Load, typename Store>
+__device__ __forceinline__ void copy_feature_rows(int rows, Load load, Store store) {
+    constexpr int LANES = CPT < 32 ? CPT : 32, ROWS_PER_WARP = 32 / LANES, PER_LANE = CPT / LANES;
+    constexpr int STEP = WARPS * ROWS_PER_WARP;
+    const int lane = threadIdx.x & 31;
+    const int k0 = lane % LANES;
+    for (int r0 = (threadIdx.x >> 5) * ROWS_PER_WARP + lane / LANES; r0 < rows; r0 += UNROLL * STEP) {
+        float v[UNROLL][PER_LANE];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int e = 0; e < PER_LANE; ++e) v[u][e] = r0 + u * STEP < rows ? load(r0 + u * STEP, k0 + e * LANES) : 0.0f;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int e = 0; e < PER_LANE; ++e)
+                if (r0 + u * STEP < rows) store(r0 + u * STEP, k0 + e * LANES, v[u][e]);
+    }
+}
+
 // ---- culling a round of tokens into the forward block's shared list ----
 // Tests tokens [base, base + ROUND) against the tile, writes the hits in token order to geo_s and
 // idx_s, stages their features (padded to CPT with zeros) in feat_s, and returns the list length.
@@ -271,22 +336,29 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int D = 5 + C;
     const int i = base + tid;
+    const int end = min(base + ROUND, N);
     bool hit = false;
     Geo gd;
-    if (tid < ROUND && i < N) {
+    if (i < end) {
         gd = make_geo(tok_b + (size_t)i * D, dmax);
         hit = box_touches(gd, tile);
         if (i % num_tiles == (int)blockIdx.x) {
-            float* row = prep_b + (size_t)i * (GEO_FLOATS + CPT);
-            reinterpret_cast<float4*>(row)[0] = make_float4(gd.mx, gd.my, gd.hx, gd.hy);
-            reinterpret_cast<float4*>(row)[1] = make_float4(gd.isx, gd.isy, gd.rho, gd.hinv);
-            for (int k = 0; k < CPT; ++k) row[GEO_FLOATS + k] = (k < C) ? to_float(tok_b[(size_t)i * D + 5 + k]) : 0.0f;
+            float4* row = reinterpret_cast<float4*>(prep_b + (size_t)i * (GEO_FLOATS + CPT));
+            row[0] = make_float4(gd.mx, gd.my, gd.hx, gd.hy);
+            row[1] = make_float4(gd.isx, gd.isy, gd.rho, gd.hinv);
         }
     }
+    // the features of this tile's `prep` rows: tokens first, first + num_tiles, ... below `end`
+    const int first = base + ((int)blockIdx.x - base % num_tiles + num_tiles) % num_tiles;
+    const int owned = first < end ? (end - 1 - first) / num_tiles + 1 : 0;
+    copy_feature_rows<CPT, 4>(
+        owned,
+        [&](int r, int k) { return k < C ? to_float(tok_b[(size_t)(first + r * num_tiles) * D + 5 + k]) : 0.0f; },
+        [&](int r, int k, float v) { prep_b[(size_t)(first + r * num_tiles) * (GEO_FLOATS + CPT) + GEO_FLOATS + k] = v; });
     const unsigned mask = __ballot_sync(FULL_MASK, hit);
     if (lane == 0) {
         warp_count[warp] = __popc(mask);
-        if (tid < ROUND && base + 32 * warp < N) mask_tile[(base >> 5) + warp] = mask;
+        if (32 * warp < ROUND && base + 32 * warp < N) mask_tile[(base >> 5) + warp] = mask;
     }
     __syncthreads();
     int offset = 0, total = 0;
@@ -302,10 +374,9 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
         idx_s[slot] = i;
     }
     __syncthreads();
-    for (int t = tid; t < total * CPT; t += THREADS) {
-        const int j = t / CPT, k = t % CPT;
-        feat_s[t] = (k < C) ? to_float(tok_b[(size_t)idx_s[j] * D + 5 + k]) : 0.0f;
-    }
+    copy_feature_rows<CPT, 4>(
+        total, [&](int r, int k) { return k < C ? to_float(tok_b[(size_t)idx_s[r] * D + 5 + k]) : 0.0f; },
+        [&](int r, int k, float v) { feat_s[r * CPT + k] = v; });
     __syncthreads();
     return total;
 }
@@ -321,18 +392,20 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, float* __r
     float* feat_s = reinterpret_cast<float*>(geo_s + ROUND);
     __shared__ int idx_s[ROUND];
     __shared__ int warp_count[WARPS];
+    __shared__ float2 col_s[TILE], row_s[TILE];  // pixel centres of the tile's columns and rows
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int b = blockIdx.y;
     const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
     const int tx0 = (blockIdx.x % tiles_x) * TILE, ty0 = (blockIdx.x / tiles_x) * TILE;
-    const int gx0 = tx0 + (warp & 1) * 8, gy0 = ty0 + (warp >> 1) * 4;
-    const int x = gx0 + (lane & 7), y = gy0 + (lane >> 3);
-    const bool group_in_map = gx0 < W && gy0 < H;
-    const double step_x = grid_step(W), step_y = grid_step(H);
-    const Rect tile = pixel_rect(tx0, ty0, TILE, TILE, W, H, step_x, step_y);
-    const Rect group = pixel_rect(min(gx0, W - 1), min(gy0, H - 1), 8, 4, W, H, step_x, step_y);
-    const float2 px = pixel_coord(x, step_x), py = pixel_coord(y, step_y);
+    const int lx0 = (warp & 1) * 8, ly0 = (warp >> 1) * 4;  // the warp's 8x4 pixel group in the tile
+    const int x = tx0 + lx0 + (lane & 7), y = ty0 + ly0 + (lane >> 3);
+    const bool group_in_map = tx0 + lx0 < W && ty0 + ly0 < H;
+    stage_pixel_coords(col_s, row_s, tx0, ty0, W, H);
+    __syncthreads();
+    const Rect tile = pixel_rect(col_s, row_s, 0, TILE - 1, 0, TILE - 1);
+    const Rect group = pixel_rect(col_s, row_s, lx0, lx0 + 7, ly0, ly0 + 3);
+    const float2 px = in_register(col_s[lx0 + (lane & 7)]), py = in_register(row_s[ly0 + (lane >> 3)]);
 
     const T* tok_b = tokens + (size_t)b * N * (5 + C);
     unsigned* mask_tile = masks + ((size_t)b * num_tiles + blockIdx.x) * ((N + 31) >> 5);
@@ -364,35 +437,48 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, float* __r
                 }
             }
         }
-        __syncthreads();  // the next round overwrites the shared list
+        if (base + ROUND < N) __syncthreads();  // the next round overwrites the shared list
     }
     if (x < W && y < H) {
-        T* o = out + (size_t)b * C * H * W + (size_t)y * W + x;
+        const size_t plane = (size_t)H * W;
+        T* o = out + (size_t)b * C * plane + (size_t)y * W + x;
 #pragma unroll
-        for (int k = 0; k < CPT; ++k)
-            if (k < C) o[(size_t)k * H * W] = from_float<T>(acc[k]);
+        for (int k = 0; k < CPT; ++k, o += plane)
+            if (k < C) *o = from_float<T>(acc[k]);
     }
 }
 
 // ---- backward ----
 
 // Pixels [lo, hi] of one axis (n pixels, tile starting at t0) that can lie inside a box centred at m with
-// half-width h: one pixel of slack on each side (the exact per-pixel test decides), clamped to the tile
-// and the map. In double for the same reason as tile_range; NaN leaves the whole tile.
+// half-width h: one pixel of slack on each side (the exact per-pixel test decides; float rounding moves the
+// bounds by far less), clamped to the tile and the map. fminf/fmaxf drop NaN, leaving the whole tile.
 __device__ __forceinline__ int2 box_pixels(float m, float h, int n, int t0) {
-    const double scale = 0.5 * (n - 1);
-    const double lo = floor(((double)m - (double)h + 1.0) * scale) - 1.0;
-    const double hi = ceil(((double)m + (double)h + 1.0) * scale) + 1.0;
-    const double first = (double)t0, last = (double)(min(t0 + TILE, n) - 1);
-    return make_int2((int)fmin(fmax(lo, first), last + 1.0), (int)fmax(fmin(hi, last), first - 1.0));
+    const float scale = 0.5f * (float)(n - 1);
+    const float first = (float)t0, last = (float)(min(t0 + TILE, n) - 1);
+    const float lo = floorf((m - h + 1.0f) * scale) - 1.0f, hi = ceilf((m + h + 1.0f) * scale) + 1.0f;
+    return make_int2((int)fminf(fmaxf(lo, first), last + 1.0f), (int)fmaxf(fminf(hi, last), first - 1.0f));
 }
 
-// A shared-memory load the compiler may not hoist out of a loop (it would keep CPT features in registers and
-// spill the gradient accumulators).
-__device__ __forceinline__ float4 load_shared_volatile(const float4* p) {
+// a / d and a % d for 0 <= a < 64, 1 <= d <= 16 without an integer division: (a + 1/2) / d lies at least 1/32
+// away from an integer, far more than the float error.
+__device__ __forceinline__ int2 small_divmod(int a, int d) {
+    const int q = __float2int_rz(((float)a + 0.5f) * __frcp_rn((float)d));
+    return make_int2(q, a - q * d);
+}
+
+// A float4 of shared memory (at a shared-space address) by a load the compiler may not hoist out of a loop (it
+// would keep CPT features in registers and spill the gradient accumulators).
+__device__ __forceinline__ float4 load_shared_volatile(unsigned address) {
     float4 v;
-    const unsigned address = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(address));
+    return v;
+}
+
+// The value, which the compiler must take as unknown: address arithmetic on it stays where it is written
+// (inside a loop, instead of a register per hoisted address).
+__device__ __forceinline__ unsigned opaque(unsigned v) {
+    asm volatile("" : "+r"(v));
     return v;
 }
 
@@ -407,16 +493,20 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
     float* dout_s = reinterpret_cast<float*>(smem4);  // THREADS rows (tile pixel ly * TILE + lx)
     __shared__ TileList tl;
     __shared__ float2 col_s[TILE], row_s[TILE];  // pixel centres of the tile's columns and rows
-    __shared__ float4 feat_s[WARPS][CPT / 4];    // each warp's current token's features
+    constexpr int ROW4 = (GEO_FLOATS + CPT) / 4;  // float4s in a `prep` row
+    __shared__ float4 prep_s[WARPS][2][2][ROW4];   // each half-warp's current and next token's `prep` row
+    __shared__ int next_item_s;                    // the first list entry no half-warp has taken yet
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int half = lane / HALF_WARP, hl = lane % HALF_WARP;  // a warp works on two tokens, one per half
     const int b = blockIdx.y;
     const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
     const int tx0 = (blockIdx.x % tiles_x) * TILE, ty0 = (blockIdx.x / tiles_x) * TILE;
     const int D = 5 + C;
     const int words = (N + 31) >> 5;
-    if (tid < TILE) col_s[tid] = pixel_coord(tx0 + tid, grid_step(W));
-    else if (tid < 2 * TILE) row_s[tid - TILE] = pixel_coord(ty0 + tid - TILE, grid_step(H));
+    const unsigned* mask_tile = masks + ((size_t)b * num_tiles + blockIdx.x) * words;
+    const unsigned mask_word = tid < words ? __ldg(mask_tile + tid) : 0u;  // in flight while dL/dout is staged
+    stage_pixel_coords(col_s, row_s, tx0, ty0, W, H);
 
     // Stage dL/dout of the tile, four channels per shared store; zeros outside the map and past C.
     {
@@ -438,44 +528,64 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
 
     const float* prep_b = prep + (size_t)b * N * (GEO_FLOATS + CPT);
     // (count_tile_tokens' barriers also publish dout_s, col_s and row_s)
-    const int total = count_tile_tokens(masks + ((size_t)b * num_tiles + blockIdx.x) * words, words, tl);
+    const int total = count_tile_tokens(mask_word, tl);
     for (int start = 0; start < total; start += THREADS) {
+        if (tid == 0) next_item_s = 2 * WARPS;  // the first 2 WARPS entries are dealt out below
         expand_tile_list(words, start, tl);
         const int count = min(THREADS, total - start);
-        for (int j = warp; j < count; j += WARPS) {
-            const int i = tl.list_s[j];
-            const float* prow = prep_row<CPT>(prep_b, i);
-            const Geo gd = load_geo(prow);
-            __syncwarp();  // every lane is done with the previous token's features
-            if (lane < CPT / 4) feat_s[warp][lane] = __ldg(reinterpret_cast<const float4*>(prow + GEO_FLOATS) + lane);
-            __syncwarp();
-            const float4* f4 = feat_s[warp];
+        // Each half-warp copies the `prep` row of its next token into shared memory while it works on the
+        // current one (two buffers; a group of copies is committed every iteration, empty at the end).
+        const auto fetch = [&](int j, int slot) {
+            if (j < count) {
+                const float4* src = reinterpret_cast<const float4*>(prep_row<CPT>(prep_b, tl.list_s[j]));
+                for (int q = hl; q < ROW4; q += HALF_WARP) copy_16_async(&prep_s[warp][half][slot][q], src + q);
+            }
+            commit_async_copies();
+        };
+        // Half-warp h starts with list entry h and then takes the next entry not yet taken, so that the ones
+        // whose boxes cover few pixels take more entries. A warp loops while either half has an entry (the
+        // reductions below need both halves).
+        int j = 2 * warp + half;
+        fetch(j, 0);
+        for (int slot = 0; __any_sync(FULL_MASK, j < count); slot ^= 1) {
+            const bool active = j < count;
+            const int i = active ? tl.list_s[j] : 0;
+            const int next = __shfl_sync(FULL_MASK, hl == 0 ? atomicAdd(&next_item_s, 1) : 0, half * HALF_WARP);
+            fetch(next, slot ^ 1);
+            wait_async_copies_but_one();
+            __syncwarp();  // this token's row is in shared memory for every lane
+            const float4* row = prep_s[warp][half][slot];
+            const Geo gd = geo_from(row[0], row[1]);
+            const unsigned f_shared = (unsigned)__cvta_generic_to_shared(row + GEO_FLOATS / 4);  // the features
             float dfeat[CPT];
 #pragma unroll
             for (int k = 0; k < CPT; ++k) dfeat[k] = 0.0f;
             // per-lane sums, in token component order: sigma_x, sigma_y, rho, mu_x, mu_y (3 pad)
             float dgeo[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            // The lanes walk the box's pixels in the tile, row-major, 32 at a time.
+            // The half-warp's lanes walk the box's pixels in the tile, row-major, 16 at a time.
             const int2 xs = box_pixels(gd.mx, gd.hx, W, tx0), ys = box_pixels(gd.my, gd.hy, H, ty0);
-            const int rw = xs.y - xs.x + 1, rh = ys.y - ys.x + 1;
+            const int rw = active ? xs.y - xs.x + 1 : 0, rh = ys.y - ys.x + 1;
             if (rw > 0 && rh > 0) {
-                const int jump_x = 32 % rw, jump_y = 32 / rw;
-                int qx = lane % rw, qy = lane / rw;
+                const int2 jump = small_divmod(HALF_WARP, rw), start_q = small_divmod(hl, rw);
+                const int jump_x = jump.y, jump_y = jump.x;
+                int qx = start_q.y, qy = start_q.x;
                 while (qy < rh) {
                     const int lx = xs.x - tx0 + qx, ly = ys.x - ty0 + qy;
                     const Weight w = pixel_weight(gd, col_s[lx], row_s[ly]);
                     const float4* d4 = reinterpret_cast<const float4*>(dout_s + (ly * TILE + lx) * DSTRIDE);
-                    float dg = 0.0f;  // dL/dg at this pixel = sum_k dout_k f_k
+                    float dg_even = 0.0f, dg_odd = 0.0f;  // dL/dg at this pixel = sum_k dout_k f_k, two chains
+                    const unsigned f_address = opaque(f_shared);
 #pragma unroll
                     for (int k4 = 0; k4 < CPT / 4; ++k4) {
-                        const float4 dv = d4[k4], f = load_shared_volatile(f4 + k4);
-                        dg = fmaf(dv.x, f.x, fmaf(dv.y, f.y, fmaf(dv.z, f.z, fmaf(dv.w, f.w, dg))));
+                        const float4 dv = d4[k4], f = load_shared_volatile(f_address + 16 * k4);
+                        dg_even = fmaf(dv.x, f.x, fmaf(dv.z, f.z, dg_even));
+                        dg_odd = fmaf(dv.y, f.y, fmaf(dv.w, f.w, dg_odd));
                         dfeat[4 * k4 + 0] = fmaf(w.g, dv.x, dfeat[4 * k4 + 0]);
                         dfeat[4 * k4 + 1] = fmaf(w.g, dv.y, dfeat[4 * k4 + 1]);
                         dfeat[4 * k4 + 2] = fmaf(w.g, dv.z, dfeat[4 * k4 + 2]);
                         dfeat[4 * k4 + 3] = fmaf(w.g, dv.w, dfeat[4 * k4 + 3]);
                     }
-                    const float t = w.g * dg;  // = -dL/dq
+                    const float t = w.g * (dg_even + dg_odd);  // = -dL/dq
                     dgeo[0] = fmaf(t * w.e, w.ux, dgeo[0]);
                     dgeo[1] = fmaf(t * w.ep, w.uy, dgeo[1]);
                     dgeo[2] = fmaf(t * w.e, w.ep, dgeo[2]);
@@ -489,35 +599,41 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
                     }
                 }
             }
-            transpose_reduce<CPT, 16>(dfeat, lane);
-            transpose_reduce<8, 16>(dgeo, lane);
+            // sums over each half-warp (butterflies up to offset 8 stay inside a half)
+            transpose_reduce<CPT, HALF_WARP / 2>(dfeat, lane);
+            transpose_reduce<8, HALF_WARP / 2>(dgeo, lane);
 
-            float* g_out = DETERMINISTIC ? grad + (((size_t)b * num_tiles + blockIdx.x) * N + i) * D
-                                         : grad + ((size_t)b * N + i) * D;
-            // geometry: lane l holds component l / 4; scale by the chain-rule factors of the token
-            const int comp = lane >> 2;
-            if ((lane & 3) == 0 && comp < 5) {
-                const float inv_s = 2.0f * gd.hinv;  // 1 / (1 - rho^2)
-                const float scale = comp == 2 ? inv_s * inv_s : inv_s * ((comp == 0 || comp == 3) ? gd.isx : gd.isy);
-                const float val = scale * dgeo[0];
-                if (DETERMINISTIC) g_out[comp] = val; else atomicAdd(g_out + comp, val);
-            }
-            if constexpr (CPT >= 32) {
+            if (active) {
+                float* g_out = DETERMINISTIC ? grad + (((size_t)b * num_tiles + blockIdx.x) * N + i) * D
+                                             : grad + ((size_t)b * N + i) * D;
+                // geometry: lane hl holds component hl / 2; scale by the chain-rule factors of the token
+                const int comp = hl >> 1;
+                if ((hl & 1) == 0 && comp < 5) {
+                    const float inv_s = 2.0f * gd.hinv;  // 1 / (1 - rho^2)
+                    const float scale = comp == 2 ? inv_s * inv_s : inv_s * ((comp == 0 || comp == 3) ? gd.isx : gd.isy);
+                    const float val = scale * dgeo[0];
+                    if (DETERMINISTIC) g_out[comp] = val; else atomicAdd(g_out + comp, val);
+                }
+                // features: lane hl holds channels (CPT / 16) hl + u, or channel hl / (16 / CPT) for CPT < 16
+                if constexpr (CPT >= HALF_WARP) {
 #pragma unroll
-                for (int u = 0; u < CPT / 32; ++u) {
-                    const int k = (CPT / 32) * lane + u;
-                    if (k < C) {
-                        if (DETERMINISTIC) g_out[5 + k] = dfeat[u]; else atomicAdd(g_out + 5 + k, dfeat[u]);
+                    for (int u = 0; u < CPT / HALF_WARP; ++u) {
+                        const int k = (CPT / HALF_WARP) * hl + u;
+                        if (k < C) {
+                            if (DETERMINISTIC) g_out[5 + k] = dfeat[u]; else atomicAdd(g_out + 5 + k, dfeat[u]);
+                        }
+                    }
+                } else {
+                    const int k = hl / (HALF_WARP / CPT);
+                    if (hl % (HALF_WARP / CPT) == 0 && k < C) {
+                        if (DETERMINISTIC) g_out[5 + k] = dfeat[0]; else atomicAdd(g_out + 5 + k, dfeat[0]);
                     }
                 }
-            } else {
-                const int k = lane / (32 / CPT);
-                if (lane % (32 / CPT) == 0 && k < C) {
-                    if (DETERMINISTIC) g_out[5 + k] = dfeat[0]; else atomicAdd(g_out + 5 + k, dfeat[0]);
-                }
             }
+            __syncwarp();  // every lane is done with this row before the next iteration refills its buffer
+            j = next;
         }
-        __syncthreads();  // the next window overwrites the list
+        if (start + THREADS < total) __syncthreads();  // the next window overwrites the list
     }
 }
 
@@ -534,7 +650,8 @@ __device__ __forceinline__ void reduce_tiles(const float* __restrict__ prep, con
     const int D = 5 + C;
     const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
     const int words = (N + 31) >> 5;
-    const TileRange r = tile_range(load_geo(prep_row<CPT>(prep, (size_t)item)), H, W);
+    const float4* row = reinterpret_cast<const float4*>(prep_row<CPT>(prep, (size_t)item));
+    const TileRange r = tile_range(geo_from(__ldg(row), __ldg(row + 1)), H, W);
     for (int v0 = 0; v0 < D; v0 += 32) {
         const int v = v0 + lane;
         float sum = 0.0f;
