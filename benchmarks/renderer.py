@@ -168,9 +168,10 @@ def run_for_profiler(args):
     """A few plain forward+backward calls per case, for an external profiler (ncu, nsys)."""
     from splat_cuda import op
 
+    dtype = getattr(torch, args.profile_dtype)
     for name, batch, num, channels, side in GPU_CASES[: args.profile]:
-        tokens = make_tokens(batch, num, channels, 0, "cuda")
-        gout = torch.randn(batch, channels, side, side, device="cuda")
+        tokens = make_tokens(batch, num, channels, 0, "cuda", dtype)
+        gout = torch.randn(batch, channels, side, side, device="cuda", dtype=dtype)
         for _ in range(3):
             _, prep, masks = op.render_forward(tokens, side, side, 3.0, False)
             op.render_backward(tokens, prep, masks, gout, side, side, 3.0, False)
@@ -230,6 +231,8 @@ def main():
     parser.add_argument("--cases", type=int, nargs="+", help="indices of the GPU cases to run (default: all)")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="only run the first K GPU cases a few times, untimed, for a profiler")
+    parser.add_argument("--profile-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="token dtype of the --profile calls")
     parser.add_argument("--quick", action="store_true", help="fewer variants, no PyTorch reference timing")
     parser.add_argument("--sweep-min-blocks", nargs="+", metavar="F,B",
                         help="compare kernel register budgets (SPLAT_CUDA_MIN_BLOCKS settings), e.g. 3,3 4,3 4,2")

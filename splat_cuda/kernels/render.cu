@@ -57,14 +57,18 @@ __device__ __forceinline__ float to_float(f16_t v) {
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
-    unsigned int u = __float_as_uint(v);
     bf16_t r;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+#else
+    unsigned int u = __float_as_uint(v);
     if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) {
         r.bits = (unsigned short)((u >> 16) | 0x40u);  // quiet NaN
     } else {
         u += 0x7fffu + ((u >> 16) & 1u);               // round to nearest even
         r.bits = (unsigned short)(u >> 16);
     }
+#endif
     return r;
 }
 template <> __device__ __forceinline__ f16_t from_float<f16_t>(float v) {
@@ -450,14 +454,25 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, float* __r
 
 // ---- backward ----
 
-// Pixels [lo, hi] of one axis (n pixels, tile starting at t0) that can lie inside a box centred at m with
-// half-width h: one pixel of slack on each side (the exact per-pixel test decides; float rounding moves the
-// bounds by far less), clamped to the tile and the map. fminf/fmaxf drop NaN, leaving the whole tile.
-__device__ __forceinline__ int2 box_pixels(float m, float h, int n, int t0) {
+// The pixels [lo, hi] of one axis (n pixels, tile starting at t0) whose centres pass the box test of
+// pixel_weight, |(c.x - m) + c.y| <= h (an interval), clamped to the tile and the map, so that the backward
+// walks no pixel outside the box. The float estimate of each end is off by far less than a pixel, so the end is
+// the estimate or its neighbour, told apart by the exact test on the staged centres coord_s (pixels outside
+// the tile count as failing it). fminf/fmaxf drop NaN: the estimate is then the whole tile, and the exact test
+// empties it.
+__device__ __forceinline__ int2 box_pixels(float m, float h, int n, int t0, const float2* coord_s) {
     const float scale = 0.5f * (float)(n - 1);
-    const float first = (float)t0, last = (float)(min(t0 + TILE, n) - 1);
-    const float lo = floorf((m - h + 1.0f) * scale) - 1.0f, hi = ceilf((m + h + 1.0f) * scale) + 1.0f;
-    return make_int2((int)fminf(fmaxf(lo, first), last + 1.0f), (int)fmaxf(fminf(hi, last), first - 1.0f));
+    const int last = min(t0 + TILE, n) - 1;
+    const auto inside = [&](int j) {
+        const float2 c = coord_s[min(max(j, t0), last) - t0];
+        return j >= t0 && j <= last && fabsf((c.x - m) + c.y) <= h;
+    };
+    // estimates of the first and the last pixel inside, clamped to [t0, last]
+    const int lo = (int)fminf(fmaxf(ceilf((m - h + 1.0f) * scale), (float)t0), (float)last);
+    const int hi = (int)fmaxf(fminf(floorf((m + h + 1.0f) * scale), (float)last), (float)t0);
+    const int first_in = inside(lo - 1) ? lo - 1 : (inside(lo) ? lo : lo + 1);
+    const int last_in = inside(hi + 1) ? hi + 1 : (inside(hi) ? hi : hi - 1);
+    return make_int2(first_in, last_in);
 }
 
 // a / d and a % d for 0 <= a < 64, 1 <= d <= 16 without an integer division: (a + 1/2) / d lies at least 1/32
@@ -511,19 +526,17 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
     // Stage dL/dout of the tile, four channels per shared store; zeros outside the map and past C.
     {
         const int x = tx0 + (tid & (TILE - 1)), y = ty0 + tid / TILE;
-        const bool in_map = x < W && y < H;
-        const T* d = dout + (size_t)b * C * H * W + (size_t)y * W + x;
+        const int channels = x < W && y < H ? C : 0;  // channels this thread reads
+        const size_t plane = (size_t)H * W;
+        const T* d = dout + (size_t)b * C * plane + (size_t)y * W + x;
+        T raw[CPT];  // every load in flight before the first conversion
+#pragma unroll
+        for (int k = 0; k < CPT; ++k, d += plane) raw[k] = k < channels ? *d : T{};
         float4* row = reinterpret_cast<float4*>(dout_s + tid * DSTRIDE);
 #pragma unroll
-        for (int k4 = 0; k4 < CPT / 4; ++k4) {
-            float v[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int k = 4 * k4 + u;
-                v[u] = (in_map && k < C) ? to_float(d[(size_t)k * H * W]) : 0.0f;
-            }
-            row[k4] = make_float4(v[0], v[1], v[2], v[3]);
-        }
+        for (int k4 = 0; k4 < CPT / 4; ++k4)
+            row[k4] = make_float4(to_float(raw[4 * k4]), to_float(raw[4 * k4 + 1]), to_float(raw[4 * k4 + 2]),
+                                  to_float(raw[4 * k4 + 3]));
     }
 
     const float* prep_b = prep + (size_t)b * N * (GEO_FLOATS + CPT);
@@ -563,7 +576,7 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
             // per-lane sums, in token component order: sigma_x, sigma_y, rho, mu_x, mu_y (3 pad)
             float dgeo[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
             // The half-warp's lanes walk the box's pixels in the tile, row-major, 16 at a time.
-            const int2 xs = box_pixels(gd.mx, gd.hx, W, tx0), ys = box_pixels(gd.my, gd.hy, H, ty0);
+            const int2 xs = box_pixels(gd.mx, gd.hx, W, tx0, col_s), ys = box_pixels(gd.my, gd.hy, H, ty0, row_s);
             const int rw = active ? xs.y - xs.x + 1 : 0, rh = ys.y - ys.x + 1;
             if (rw > 0 && rh > 0) {
                 const int2 jump = small_divmod(HALF_WARP, rw), start_q = small_divmod(hl, rw);
