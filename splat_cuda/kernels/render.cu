@@ -121,8 +121,7 @@ __device__ __forceinline__ float2 in_register(float2 v) {
 
 // Conservative box-vs-rectangle test: true whenever some pixel centre in [x_lo, x_hi] x [y_lo, y_hi]
 // can pass the exact per-pixel box test. The margin (1e-5 relative) absorbs every rounding of the
-// per-pixel test. Written with _rn intrinsics so that every kernel evaluates it bit for bit alike:
-// the deterministic reduction relies on re-deriving which tiles listed a token.
+// per-pixel test (written with _rn intrinsics, so no contraction changes it between kernels).
 __device__ __forceinline__ bool box_touches(const Geo& g, float x_lo, float x_hi, float y_lo, float y_hi) {
     const float mxm = __fmul_rn(1e-5f, __fadd_rn(__fadd_rn(1.0f, fabsf(g.mx)), g.hx));
     const float mym = __fmul_rn(1e-5f, __fadd_rn(__fadd_rn(1.0f, fabsf(g.my)), g.hy));
@@ -176,10 +175,11 @@ __device__ __forceinline__ Weight pixel_weight(const Geo& gd, float2 px, float2 
 }
 
 // ---- warp reduction of many values at once ----
-// Sums each of V per-lane values over the 32 lanes with about V shuffles in all (instead of 5 V):
-// at each butterfly step a lane keeps one half of its values and trades the other half with its
-// partner. Afterwards, for V >= 32, lane l holds the sums of values (V/32) l + i in v[i]; for V < 32,
-// lane l holds the sum of value l / (32 / V) in v[0].
+// transpose_reduce<V, OFFSET>: sums each of V per-lane values over groups of L = 2 OFFSET lanes (OFFSET 16: the
+// whole warp; 8: each half-warp) with about V shuffles in all (instead of V log2 L): at each butterfly step a lane
+// keeps one half of its values and trades the other half with its partner. Afterwards, with l the lane's index
+// in its group, for V >= L lane l holds the sums of values (V/L) l + i in v[i]; for V < L, lane l holds the sum
+// of value l / (L / V) in v[0].
 template <int N, int OFFSET, int M>
 __device__ __forceinline__ void transpose_reduce(float (&v)[M], int lane) {
     if constexpr (N >= 2) {
@@ -200,7 +200,7 @@ __device__ __forceinline__ void transpose_reduce(float (&v)[M], int lane) {
 
 // ---- the forward's by-products the backward reuses: tile masks and per-token `prep` rows ----
 
-// Candidate tile range of a box (one tile of slack on each side; the exact test decides). In double, so
+// Candidate tile range of a box (one tile of slack on each side; the tile masks decide). In double, so
 // that no rounding of large coordinates can push a touched tile out of the range.
 struct TileRange { int x0, x1, y0, y1; };
 __device__ __forceinline__ TileRange tile_range(const Geo& g, int H, int W) {
@@ -305,7 +305,8 @@ __device__ __forceinline__ void expand_tile_list(int words, int start, TileList&
 
 // ---- copying feature rows, several loads in flight per thread ----
 // store(r, k, load(r, k)) for rows r in [0, rows) and channels k in [0, CPT). A row takes min(CPT, 32) lanes of
-// a warp (lane = channel), warp w the rows w, w + WARPS, ... (several rows per warp when CPT < 32). Each lane
+// a warp (lane = channel), so a warp holds R = 32 / min(CPT, 32) rows at a time: warp w the rows R w .. R w + R - 1,
+// then those WARPS R rows further, and so on. Each lane
 // issues UNROLL rows' loads before their stores, so the round trips to L2 overlap (a plain loop would wait for
 // each load: the compiler cannot move a global load above a store that might alias it).
 template <int CPT, int UNROLL, typename Load, typename Store>
