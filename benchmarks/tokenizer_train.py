@@ -13,6 +13,7 @@ the steps after `--warmup` (so compilation and cuDNN autotuning are excluded and
     channels_last        engine.channels_last=true
     alternate            losses.gan_schedule=alternate (the release's schedule; default same_batch)
     strict_fp32          engine.tf32=false
+    checkpoint           engine.activation_checkpointing=true (the decoder's levels recomputed in the backward)
 
 `--profile` adds `--profile-steps` steps after the timed ones under torch.profiler (not timed) and copies
 each cell's table of the top CUDA kernels and operators to `--out/profile_<cell>.txt`. Before the cells, a
@@ -44,6 +45,7 @@ SWITCHES = {
     "channels_last": ["engine.channels_last=true"],
     "alternate": ["losses.gan_schedule=alternate"],
     "strict_fp32": ["engine.tf32=false"],
+    "checkpoint": ["engine.activation_checkpointing=true"],
 }
 PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 DATA = ["data.source=photos", "data.resize=false", "data.crop=random"]

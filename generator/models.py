@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import Attention, Mlp
 
 from .config import ModelConfig
@@ -160,6 +161,7 @@ class FlowTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.check_inputs = True
+        self.checkpoint_blocks = False  # recompute each block's activations in the backward (less memory)
         hidden = config.hidden_size
         self.out_channels = config.in_channels * (2 if config.learn_sigma else 1)
 
@@ -214,7 +216,10 @@ class FlowTransformer(nn.Module):
             tokens = tokens + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, force_drop)
         for block in self.blocks:
-            tokens = block(tokens, c)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, use_reentrant=False)
+            else:
+                tokens = block(tokens, c)
         out = self.final_layer(tokens, c)
         return out[..., :self.config.in_channels]
 

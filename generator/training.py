@@ -209,6 +209,7 @@ def train(config: GeneratorRunConfig, raw_config: dict[str, Any] | None = None, 
         (engine.output_dir / SPACE_FILE).write_text(json.dumps(space_to_dict(space), indent=1))
     model = build_model(config.model)
     model.check_inputs = False  # labels, shapes and finiteness are checked once, on the shards (build_space)
+    model.checkpoint_blocks = config.engine.activation_checkpointing
     if engine.is_main_process:
         logger.info("%s model: %.1f M parameters", config.stage, sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = _build_optimizer(model, config.optimizer)

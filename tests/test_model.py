@@ -207,6 +207,32 @@ def test_every_trainable_parameter_gets_a_gradient(tiny):
     tiny.zero_grad(set_to_none=True)
 
 
+def _decoder_gradients(model: GPSToken, rendered: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model.decoder(rendered, 2).square().mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.decoder.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_checkpointed_decoder_levels_give_the_same_gradients(tiny):
+    """engine.activation_checkpointing recomputes the decoder's levels in the backward: same outputs and
+    gradients (bit for bit on the CPU), and nothing changes without autograd."""
+    rendered = torch.randn(2, tiny.config.texture_channels, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain = _decoder_gradients(tiny, rendered)
+    tiny.decoder.checkpoint_levels = True
+    try:
+        recomputed = _decoder_gradients(tiny, rendered)
+        with torch.no_grad():
+            no_grad_out = tiny.decoder(rendered, 2)
+    finally:
+        tiny.decoder.checkpoint_levels = False
+    assert plain.keys() == recomputed.keys()
+    assert all(torch.equal(plain[name], recomputed[name]) for name in plain)
+    with torch.no_grad():
+        assert torch.equal(no_grad_out, tiny.decoder(rendered, 2))
+
+
 def test_split_join_and_merge_per_image():
     images = random_images(3, 64, seed=5)
     tiles = split_tiles(images, 2)

@@ -131,6 +131,19 @@ def test_compiled_training_matches_eager(tmp_path):
         assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a), (a, b)
 
 
+@needs_fashion
+def test_activation_checkpointing_logs_the_same_losses(tmp_path):
+    """engine.activation_checkpointing (the decoder's levels recomputed in the backward, GAN and its adaptive
+    weight included) trains exactly as without it on the CPU."""
+    common = ["--config", CONFIG, "engine.log_every=1", "engine.max_steps=3", "optim.batch_size=2",
+              "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0", "losses.gan_weight=0.3",
+              "losses.gan_start=0"]
+    assert main([*common, f"engine.output_dir={tmp_path / 'plain'}"]) == 0
+    assert main([*common, f"engine.output_dir={tmp_path / 'recomputed'}", "engine.activation_checkpointing=true"]) == 0
+    plain, recomputed = loss_records(tmp_path / "plain"), loss_records(tmp_path / "recomputed")
+    assert len(plain) == 3 and plain == recomputed
+
+
 def test_nan_loss_stops_the_tokenizer_run(tmp_path, capsys):
     code = main(["--config", CONFIG, f"engine.output_dir={tmp_path}", "engine.max_steps=3", "optim.lr=1e30",
                  "engine.grad_clip_norm=0.0", "optim.batch_size=2", "monitor.heldout_every=0",

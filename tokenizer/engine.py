@@ -214,6 +214,8 @@ class EngineConfig:
     log_every: int = 50                 # steps between scalar log records (and NaN-guard reads)
     compile: bool = False               # torch.compile (inductor, dynamic=False): models, or parts a trainer names
     channels_last: bool = False         # the conv networks a trainer names in channels-last memory format
+    activation_checkpointing: bool = False  # recompute in the backward the activations of the stages a trainer
+                                            # names instead of keeping them (less memory, more compute)
     tf32: bool = True                   # CUDA fp32 matmuls and convolutions on TF32 tensor cores (false: strict fp32)
     cudnn_benchmark: bool = True        # cuDNN times its algorithms once per shape and keeps the fastest
     deterministic: bool = False         # deterministic kernels (slower; for exact-resume checks; no cuDNN timing)

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -336,11 +337,15 @@ class GPSDecoder(nn.Module):
         self.up = nn.ModuleList(reversed(levels))            # indexed from the highest resolution, as released
         self.norm_out = TileGroupNorm(width)
         self.conv_out = nn.Conv2d(width, config.out_channels, kernel_size=3, padding=1)
+        self.checkpoint_levels = False  # recompute each level's activations in the backward (less memory)
 
     def forward(self, rendered: torch.Tensor, tiles_per_side: int = 1) -> torch.Tensor:
         x = self.mid(self.conv_in(rendered), tiles_per_side)
         for level in reversed(self.up):
-            x = level(x, tiles_per_side)
+            if self.checkpoint_levels and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(level, x, tiles_per_side, use_reentrant=False)
+            else:
+                x = level(x, tiles_per_side)
         return self.conv_out(F.silu(self.norm_out(x)))       # whole-image statistics, as released
 
 

@@ -133,6 +133,7 @@ def train(config: TokenizerTrainConfig, resolved: dict[str, Any], resume: str | 
         partition = PartitionSettings(model_config.num_tokens, model_config.partition_min_size,
                                       model_config.partition_weight)
         model = GPSToken(model_config)
+        model.decoder.checkpoint_levels = config.engine.activation_checkpointing
         engine.to_memory_format(model.decoder)
         losses = engine.to_memory_format(TokenizerLosses(config.losses)).to(engine.device)
         fused = engine.device.type == "cuda"   # one fused Adam kernel per step; the CPU keeps the default path
