@@ -74,6 +74,18 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_activation_checkpointing_logs_the_same_losses(tmp_path):
+    """engine.activation_checkpointing (each block recomputed in the backward) trains exactly as without it."""
+    shards = cached_shards(20)
+    common = ("engine.max_steps=4", "engine.log_every=1", "engine.checkpoint_every=4")
+    losses = []
+    for name, switch in (("plain", "false"), ("recomputed", "true")):
+        config, raw = tiny_config(tmp_path, name, shards, *common, f"engine.activation_checkpointing={switch}")
+        train(config, raw)
+        losses.append([r["loss"] for r in read_metrics(tmp_path / name)])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     shards = cached_shards(20)
     config, raw = tiny_config(tmp_path, "nan", shards, "engine.max_steps=10", "engine.checkpoint_every=4")
