@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call (about 9.5 minutes) for the GPU figures of issues 3, 5 and 7.
+# Device calls for the GPU figures of issues 3, 5 and 7 (at most 10 minutes each).
 #   GPU 0: splat_cuda GPU tests and benchmark; the partition kernel's GPU tests and benchmark; the two-stage
-#          sampler's timing at the released setting; the tokenizer training benchmark at the acceptance settings
-#          (bf16 and fp32, compiled, channels_last, with profiles).
+#          sampler's timing at the released setting; the tokenizer training benchmark (one compiled cell, about
+#          330 s: run `STEPS=tokenizer` in a call of its own, `TOKENIZER_CELLS` for the next cell).
 #   GPU 1, when the host has one: issue 7's Fashion-MNIST experiment (benchmarks/two_stage.py fashion: tokenizer,
 #          layout, texture and one-stage training, four sampled arms, FID), after a quick check of the partition
 #          kernel it relies on. On a one-GPU host it is left out (it would disturb the timings).
