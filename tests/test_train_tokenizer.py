@@ -61,6 +61,13 @@ def loss_records(output: Path) -> list[dict[str, float]]:
     return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(output)]
 
 
+def short_gan_run(steps: int, *overrides: str) -> list[str]:
+    """Arguments of a few logged steps of the tiny config, batch 2, with the GAN on from the first step."""
+    return ["--config", CONFIG, "engine.log_every=1", f"engine.max_steps={steps}", "optim.batch_size=2",
+            "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0", "losses.gan_weight=0.3",
+            "losses.gan_start=0", *overrides]
+
+
 @needs_fashion
 def test_resume_after_kill_continues_identically(tmp_path):
     """SIGKILL while training past a checkpoint; `--resume auto` then logs exactly the uninterrupted run's
@@ -103,9 +110,7 @@ def test_resume_after_kill_continues_identically(tmp_path):
 def test_gan_schedules_and_images_counted(tmp_path):
     """same_batch: every step updates the tokenizer and then the discriminator; alternate (released): even steps
     update only the discriminator, on a batch of their own, and count no tokenizer images."""
-    common = ["--config", CONFIG, "engine.log_every=1", "engine.max_steps=4", "optim.batch_size=2",
-              "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0", "losses.gan_weight=0.3",
-              "losses.gan_start=0"]
+    common = short_gan_run(4)
     assert main([*common, f"engine.output_dir={tmp_path / 'same'}"]) == 0
     assert main([*common, f"engine.output_dir={tmp_path / 'alternate'}", "losses.gan_schedule=alternate"]) == 0
     same, alternate = read_metrics(tmp_path / "same"), read_metrics(tmp_path / "alternate")
@@ -120,9 +125,7 @@ def test_gan_schedules_and_images_counted(tmp_path):
 def test_compiled_training_matches_eager(tmp_path):
     """engine.compile (the parts `compile_parts` names, GAN included) logs the eager run's losses, to round-off
     (a small learning rate keeps training from amplifying it)."""
-    common = ["--config", CONFIG, "engine.log_every=1", "engine.max_steps=3", "optim.batch_size=2",
-              "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0", "losses.gan_weight=0.3",
-              "losses.gan_start=0", "engine.channels_last=true", "optim.lr=1e-5", "optim.discriminator_lr=1e-5"]
+    common = short_gan_run(3, "engine.channels_last=true", "optim.lr=1e-5", "optim.discriminator_lr=1e-5")
     assert main([*common, f"engine.output_dir={tmp_path / 'eager'}"]) == 0
     assert main([*common, f"engine.output_dir={tmp_path / 'compiled'}", "engine.compile=true"]) == 0
     eager, compiled = loss_records(tmp_path / "eager"), loss_records(tmp_path / "compiled")
@@ -135,9 +138,7 @@ def test_compiled_training_matches_eager(tmp_path):
 def test_activation_checkpointing_logs_the_same_losses(tmp_path):
     """engine.activation_checkpointing (the decoder's levels recomputed in the backward, GAN and its adaptive
     weight included) trains exactly as without it on the CPU."""
-    common = ["--config", CONFIG, "engine.log_every=1", "engine.max_steps=3", "optim.batch_size=2",
-              "monitor.heldout_every=0", "monitor.image_every=0", "data.num_workers=0", "losses.gan_weight=0.3",
-              "losses.gan_start=0"]
+    common = short_gan_run(3)
     assert main([*common, f"engine.output_dir={tmp_path / 'plain'}"]) == 0
     assert main([*common, f"engine.output_dir={tmp_path / 'recomputed'}", "engine.activation_checkpointing=true"]) == 0
     plain, recomputed = loss_records(tmp_path / "plain"), loss_records(tmp_path / "recomputed")
