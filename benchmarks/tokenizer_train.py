@@ -93,12 +93,13 @@ def run_cell(cell: str, args: argparse.Namespace) -> dict[str, float | str]:
             name = cell.replace(":", "_").replace("+", "_")   # plain file names only
             shutil.copy(Path(output) / "profile.txt", args.out / f"profile_{name}.txt")
     timed = [r for r in records if args.warmup < r["step"] <= args.steps and "images_per_s" in r]
-    profiled = next((r for r in records if "profile_gpu_kernel_ms_per_step" in r), {})
+    profiled = next((r for r in records if "profile_gpu_busy_ms_per_step" in r), {})
     rate = sum(r["images_per_s"] for r in timed) / len(timed)
     return {"cell": cell, "images_per_s": rate, "update_ms": 1000 * 16 * args.gpus / rate,
             "data_wait_ms": sum(r["data_wait_ms"] for r in timed) / len(timed),
             "peak_memory_gib": max(r.get("peak_memory_gib", float("nan")) for r in timed), "wall_s": wall,
-            "kernel_ms": profiled.get("profile_gpu_kernel_ms_per_step", float("nan")),
+            "gpu_busy_ms": profiled.get("profile_gpu_busy_ms_per_step", float("nan")),
+            "gpu_busy_share": profiled.get("profile_gpu_busy_share", float("nan")),
             "syncs": profiled.get("profile_host_syncs_per_step", float("nan"))}
 
 
@@ -154,18 +155,18 @@ def main() -> None:
         lines.append(f"Loader alone ({args.workers} workers, photos, partition in workers): {rate:.0f} images/s\n")
         print(lines[-1], flush=True)
     lines += ["| GPUs | cell | images/s (all GPUs) | ms per tokenizer update | data wait ms/step | "
-              "peak memory per GPU (GiB) | GPU kernel ms/step (profiled) | host syncs/step | cell wall s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "peak memory per GPU (GiB) | GPU busy ms/step (profiled) | GPU busy share (profiled) | host syncs/step | cell wall s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     results = []
     for cell in args.cells:
         result = run_cell(cell, args)
         results.append(result)
         if "error" in result:
-            lines.append(f"| {args.gpus} | {cell} | {result['error']} | | | | | | |")
+            lines.append(f"| {args.gpus} | {cell} | {result['error']} | | | | | | | |")
         else:
             lines.append(f"| {args.gpus} | {cell} | {result['images_per_s']:.1f} | {result['update_ms']:.0f} | "
                          f"{result['data_wait_ms']:.1f} | {result['peak_memory_gib']:.1f} | "
-                         f"{result['kernel_ms']:.0f} | {result['syncs']:.1f} | {result['wall_s']:.0f} |")
+                         f"{result['gpu_busy_ms']:.0f} | {result['gpu_busy_share']:.0%} | {result['syncs']:.1f} | {result['wall_s']:.0f} |")
         print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
     print(table)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tokenizer.engine import (EngineConfig, ShardedInfiniteSampler, TrainingEngine, apply_overrides, build_config,
-                              find_checkpoints, read_metrics)
+                              covered_length, find_checkpoints, read_metrics)
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "tests" / "engine_toy_run.py"
@@ -160,6 +160,11 @@ def test_profile_window_writes_operator_tables(tmp_path):
     assert run_toy(tmp_path, "--steps", "6", "--profile-at", "3") == 0
     report = (tmp_path / "profile.txt").read_text()
     assert report.startswith("torch.profiler over steps 4-5 (2 steps") and "aten::addmm" in report
+
+
+def test_profile_busy_time_counts_overlapping_kernels_once():
+    assert covered_length([]) == 0.0
+    assert covered_length([(5.0, 7.0), (0.0, 2.0), (1.0, 3.0), (2.5, 2.75), (7.0, 8.0)]) == 3.0 + 3.0
 
 
 def test_channels_last_modules_checkpoint_as_contiguous_tensors(tmp_path):

@@ -1,6 +1,7 @@
 """GPSToken model behaviour: configs, input errors, any token count, per-tile norm, tiles and merging, gradients."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -141,6 +142,26 @@ def test_zero_geometry_update_returns_the_initial_geometry():
     assert torch.allclose(refined, geometry, atol=1e-6)
     moved = refine_geometry(geometry, torch.full_like(geometry, 0.5))
     assert (moved[..., :2] > geometry[..., :2]).all() and (moved[..., :2] < 1).all()
+
+
+def test_pooled_rois_equal_each_block_pooling_the_projected_samples(tiny):
+    """The released order, roi_pool_k(roi_proj(samples)) per block, in float64: values and gradients."""
+    encoder = copy.deepcopy(tiny.encoder).double()
+    with torch.no_grad():
+        for block in encoder.blocks:
+            block.roi_pool.weight.normal_()
+            block.roi_pool.bias.normal_()
+        encoder.roi_proj.bias.normal_()
+    samples = torch.randn(6, encoder.roi_proj.in_channels, encoder.roi_size ** 2, dtype=torch.float64)
+    projected = encoder.roi_proj(samples.unflatten(2, (encoder.roi_size,) * 2)).flatten(2)
+    released = torch.stack([block.roi_pool(projected)[..., 0] for block in encoder.blocks])
+    pooled = encoder.pooled_rois(samples)
+    torch.testing.assert_close(pooled, released, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(pooled)
+    parameters = [encoder.roi_proj.weight, encoder.roi_proj.bias, *(p for b in encoder.blocks for p in b.roi_pool.parameters())]
+    for ours, theirs in zip(torch.autograd.grad((pooled * weights).sum(), parameters),
+                            torch.autograd.grad((released * weights).sum(), parameters)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
 def released_tile_norm(norm: TileGroupNorm, x: torch.Tensor) -> torch.Tensor:

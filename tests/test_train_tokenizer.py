@@ -195,9 +195,62 @@ def test_pixel_losses_and_hinge():
 
 def test_adaptive_weight_is_the_gradient_norm_ratio():
     weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    rec, gan = (3 * weight).sum(), (weight ** 2).sum()   # gradients (3, 3) and (2, 4)
+    reconstruction = weight * torch.tensor([3.0, 1.0])
+    rec_grad, gan_grad = torch.tensor([1.0, 3.0]), torch.tensor([2 / 3, 4.0])   # at w: (3, 3) and (2, 4)
     expected = (3 * 2 ** 0.5) / (20 ** 0.5 + 1e-4)
-    assert adaptive_gan_weight(rec, gan, weight).item() == pytest.approx(expected, rel=1e-6)
+    assert adaptive_gan_weight(reconstruction, rec_grad, gan_grad, weight).item() == pytest.approx(expected, rel=1e-6)
+
+
+class SquaredFeatureLoss(torch.nn.Module):
+    """A stand-in for the Inception feature loss (same interface, a few conv features), cheap in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.Tanh()).double()
+
+    def forward(self, reconstruction, target):
+        with torch.no_grad():
+            target_features = self.net(target)
+        return (self.net(reconstruction) - target_features).square().mean()
+
+
+def test_generator_loss_gradients_equal_the_plain_objective_in_float64():
+    """Each loss network's single backward pass gives the plain objective's gradients: pixel + LPIPS + features
+    + 0.3 * adaptive weight * GAN term, the weight from autograd.grad of each term at the last conv weight."""
+    torch.manual_seed(0)
+    config = LossConfig(random_init=True, gan_start=0, lpips_weight=0.7, feature_weight=0.5)
+    losses = TokenizerLosses(LossConfig(**{**config.__dict__, "feature_weight": 0.0})).double()
+    losses.config, losses.features = config, SquaredFeatureLoss()
+    discriminator = PatchDiscriminator(layers=2, channels=16).double()
+    body, last = torch.nn.Conv2d(3, 8, 3, padding=1).double(), torch.nn.Conv2d(8, 3, 3, padding=1).double()
+    inputs, target = (torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    parameters = [*body.parameters(), *last.parameters()]
+
+    def reconstruct():
+        return last(torch.nn.functional.silu(body(inputs)))
+
+    loss, terms = losses.generator_loss(reconstruct(), target, step=1, discriminator=discriminator,
+                                        last_layer=last.weight)
+    fast_grads = torch.autograd.grad(loss, parameters)
+
+    reconstruction = reconstruct()
+    pixel = (reconstruction - target).square().mean()
+    lpips = losses.lpips(reconstruction, target)
+    features = losses.features(reconstruction, target)
+    generator = -discriminator(reconstruction).mean()
+    rec_w = torch.autograd.grad(pixel + 0.7 * lpips, last.weight, retain_graph=True)[0]
+    gan_w = torch.autograd.grad(generator, last.weight, retain_graph=True)[0]
+    weight = (rec_w.norm() / (gan_w.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    plain = pixel + 0.7 * lpips + 0.5 * features + 0.3 * weight * generator
+    plain_grads = torch.autograd.grad(plain, parameters)
+
+    assert set(terms) == {"pixel", "lpips", "inception_features", "gan_generator", "gan_adaptive_weight"}
+    assert 0.0 < terms["gan_adaptive_weight"].item() < 1e4
+    torch.testing.assert_close(terms["gan_adaptive_weight"], weight, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss.detach(), plain.detach(), rtol=1e-12, atol=0)
+    for fast, reference in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-14)
+    assert all(p.grad is None for p in discriminator.parameters())
 
 
 def test_generator_loss_with_all_terms_is_differentiable():

@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -125,6 +125,16 @@ def _contiguous_state_dict(module: torch.nn.Module, state: dict[str, Any], prefi
             state[key] = value.contiguous()
 
 
+def covered_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: overlapping kernels (several streams) count once."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
 class _ProfileWindow:
     """torch.profiler over a few training steps, written as tables of the top CUDA kernels and operators
     (CPU operators on a machine without CUDA), with the GPU's busy share of the window and its host syncs."""
@@ -157,8 +167,24 @@ class _ProfileWindow:
         self.profiler.__exit__(None, None, None)
         return seconds
 
+    def kernel_activity(self) -> tuple[float, dict[str, tuple[float, int]]]:
+        """Seconds during which at least one CUDA kernel ran (the union of kernel intervals), and per kernel
+        name (total microseconds, calls). The annotations torch.compile puts around each compiled graph
+        ("## Call CompiledFxGraph ... ##") span their kernels and the idle gaps between them: left out."""
+        from torch.autograd import DeviceType
+
+        intervals, kernels = [], {}
+        for event in self.profiler.events():
+            if event.device_type != DeviceType.CUDA or event.is_user_annotation or event.name.startswith("## "):
+                continue
+            start, end = event.time_range.start, event.time_range.end
+            intervals.append((start, end))
+            us, calls = kernels.get(event.name, (0.0, 0))
+            kernels[event.name] = (us + end - start, calls + 1)
+        return covered_length(intervals) / 1e6, kernels
+
     def finish(self, path: Path, first_step: int, last_step: int) -> dict[str, float]:
-        """Stop, write the tables to `path`; returns the GPU kernel time and host syncs per step (CUDA only)."""
+        """Stop, write the tables to `path`; returns the GPU busy time and host syncs per step (CUDA only)."""
         seconds = self.stop()
         syncs = sum("synchronizing CUDA operation" in str(w.message) for w in self.caught)
         events = self.profiler.key_averages()
@@ -166,22 +192,21 @@ class _ProfileWindow:
         lines = [f"torch.profiler over steps {first_step}-{last_step} ({steps} steps, {seconds:.3f} s wall, "
                  "profiler overhead included)"]
         if self.cuda:
-            from torch.autograd import DeviceType
-
-            kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
-                             key=lambda e: e.self_device_time_total, reverse=True)
-            busy = sum(e.self_device_time_total for e in kernels) / 1e6
-            lines += [f"GPU kernel time {busy:.3f} s = {100 * busy / seconds:.0f}% of the wall time "
-                      f"({1000 * busy / steps:.1f} ms per step); host syncs in the window: {syncs}", "",
+            busy, kernels = self.kernel_activity()
+            lines += [f"GPU busy (kernels, annotations excluded) {busy:.3f} s = {100 * busy / seconds:.0f}% of the "
+                      f"wall time ({1000 * busy / steps:.1f} ms per step); host syncs in the window: {syncs}", "",
                       f"Top {self.ROWS} CUDA kernels by GPU time:",
                       f"{'GPU ms':>10} {'share':>6} {'calls':>7} {'us/call':>9}  kernel"]
-            for event in kernels[:self.ROWS]:
-                total = event.self_device_time_total
-                lines.append(f"{total / 1000:10.2f} {100 * total / max(busy * 1e6, 1e-9):5.1f}% {event.count:7d} "
-                             f"{total / event.count:9.1f}  {event.key[:150]}")
+            total_kernel_us = max(sum(us for us, _ in kernels.values()), 1e-9)
+            for name, (us, calls) in sorted(kernels.items(), key=lambda item: -item[1][0])[:self.ROWS]:
+                lines.append(f"{us / 1000:10.2f} {100 * us / total_kernel_us:5.1f}% {calls:7d} "
+                             f"{us / calls:9.1f}  {name[:150]}")
             sort = "device_time_total"
-            summary = {"profile_gpu_kernel_ms_per_step": 1000 * busy / steps,
+            summary = {"profile_gpu_busy_ms_per_step": 1000 * busy / steps,
+                       "profile_gpu_busy_share": busy / seconds,
                        "profile_host_syncs_per_step": syncs / steps}
+            lines += ["", f"Top {self.ROWS} operators by self CPU time (the host's share of a launch-bound step):",
+                      events.table(sort_by="self_cpu_time_total", row_limit=self.ROWS, max_name_column_width=70)]
         else:
             sort = "self_cpu_time_total"
             summary = {}

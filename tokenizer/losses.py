@@ -91,6 +91,11 @@ class LossConfig:
         return self.gan_schedule == "same_batch" and self.gan_active(step)
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32, or float64 when it is that: losses are summed in full precision."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Perceptual networks (frozen)
 # --------------------------------------------------------------------------------------------------------------
@@ -141,7 +146,7 @@ class InceptionFeatureLoss(nn.Module):
         return super().train(False)   # BatchNorm keeps its stored statistics
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(self._preprocess(self.scale * (images + 1))).pool.float()
+        return at_least_float32(self.network(self._preprocess(self.scale * (images + 1))).pool)
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -184,12 +189,17 @@ def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tenso
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
 
-def adaptive_gan_weight(reconstruction_loss: torch.Tensor, generator_loss: torch.Tensor,
+def adaptive_gan_weight(reconstruction: torch.Tensor, reconstruction_grad: torch.Tensor, generator_grad: torch.Tensor,
                         last_layer: torch.Tensor) -> torch.Tensor:
-    """||d rec / d w|| / (||d gan / d w|| + 1e-4) at the last decoder weight w, clamped to [0, 1e4], detached."""
-    rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    """||d rec / d w|| / (||d gan / d w|| + 1e-4) at the last decoder weight w, clamped to [0, 1e4], detached.
+
+    The two losses enter through their gradients at the reconstruction (the output of the layer that owns w),
+    so each weight gradient is one backward step through that layer only."""
+    def at_weight(image_grad: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(reconstruction, last_layer, image_grad.to(reconstruction.dtype), retain_graph=True)[0]
+
+    ratio = at_weight(reconstruction_grad).norm() / (at_weight(generator_grad).norm() + 1e-4)
+    return ratio.clamp(0.0, 1e4).detach()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -207,36 +217,57 @@ class TokenizerLosses(nn.Module):
                                               config.random_init) if config.feature_weight > 0 else None)
 
     def pixel_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        difference = reconstruction.float() - target.float()
+        difference = at_least_float32(reconstruction) - at_least_float32(target)
         return difference.abs().mean() if self.config.pixel == "l1" else difference.square().mean()
 
     def generator_loss(self, reconstruction: torch.Tensor, target: torch.Tensor, step: int,
                        discriminator: nn.Module | None = None,
                        last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total, terms) for a tokenizer step. `discriminator` (unwrapped, frozen for this call) and the
-        decoder's last conv weight `last_layer` are needed once the GAN is active."""
+        """(loss, terms) for a tokenizer step. `discriminator` (unwrapped, frozen for this call) and the
+        decoder's last conv weight `last_layer` (the layer that outputs `reconstruction`) are needed once the
+        GAN is active.
+
+        The loss networks run on a detached copy of the reconstruction and each term's gradient at the image is
+        taken right away, so LPIPS, Inception and the discriminator each run one backward pass. The returned
+        loss has the value of the weighted sum and, as its gradient at `reconstruction`, the weighted sum of
+        those image gradients: its backward pass is the tokenizer's alone. This is the plain objective's
+        gradient exactly; what it saves is the adaptive GAN weight's cost, which through the plain objective
+        (`autograd.grad` of each term at the last weight) runs LPIPS's and the discriminator's backward passes
+        a second time."""
         config = self.config
-        terms = {"pixel": self.pixel_loss(reconstruction, target)}
+        image = at_least_float32(reconstruction.detach()).requires_grad_(True)
+
+        def image_grad(loss: torch.Tensor) -> torch.Tensor:
+            return torch.autograd.grad(loss, image)[0]
+
+        terms = {"pixel": self.pixel_loss(image, target)}
         reconstruction_loss = config.pixel_weight * terms["pixel"]
         if self.lpips is not None and step > config.lpips_start:
-            terms["lpips"] = self.lpips(reconstruction, target).float()
+            terms["lpips"] = at_least_float32(self.lpips(image, target))
             reconstruction_loss = reconstruction_loss + config.lpips_weight * terms["lpips"]
-        total = reconstruction_loss
+        total, reconstruction_grad = reconstruction_loss.detach(), image_grad(reconstruction_loss)
+        gradient = reconstruction_grad
         if self.features is not None and step > config.feature_start:
-            terms["inception_features"] = self.features(reconstruction, target)
-            total = total + config.feature_weight * terms["inception_features"]
+            terms["inception_features"] = self.features(image, target)
+            total = total + config.feature_weight * terms["inception_features"].detach()
+            gradient = gradient + config.feature_weight * image_grad(terms["inception_features"])
         if config.gan_active(step):
             discriminator.requires_grad_(False)
-            terms["gan_generator"] = -discriminator(reconstruction).float().mean()
+            terms["gan_generator"] = -at_least_float32(discriminator(image)).mean()
             discriminator.requires_grad_(True)
-            terms["gan_adaptive_weight"] = adaptive_gan_weight(reconstruction_loss, terms["gan_generator"], last_layer)
-            total = total + config.gan_weight * terms["gan_adaptive_weight"] * terms["gan_generator"]
-        return total, terms
+            generator_grad = image_grad(terms["gan_generator"])
+            terms["gan_adaptive_weight"] = adaptive_gan_weight(reconstruction, reconstruction_grad, generator_grad,
+                                                               last_layer)
+            scale = config.gan_weight * terms["gan_adaptive_weight"]
+            total = total + scale * terms["gan_generator"].detach()
+            gradient = gradient + scale * generator_grad
+        pushed = (at_least_float32(reconstruction) * gradient).sum()
+        return total + (pushed - pushed.detach()), {name: value.detach() for name, value in terms.items()}
 
     def discriminator_loss(self, discriminator: nn.Module, reconstruction: torch.Tensor,
                            target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        real = discriminator(target.detach()).float()
-        fake = discriminator(reconstruction.detach()).float()
+        real = at_least_float32(discriminator(target.detach()))
+        fake = at_least_float32(discriminator(reconstruction.detach()))
         loss = hinge_discriminator_loss(real, fake)
         return loss, {"gan_discriminator": loss, "logits_real": real.mean().detach(),
                       "logits_fake": fake.mean().detach()}

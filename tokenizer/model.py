@@ -227,18 +227,21 @@ class TokenAttention(nn.Module):
 
 
 class RefinementBlock(nn.Module):
-    """One encoder block: add the token's pooled RoI samples, then pre-norm attention and MLP (residual)."""
+    """One encoder block: add the token's pooled RoI samples, then pre-norm attention and MLP (residual).
+
+    `roi_pool` is the block's learned weighting of the token's r*r RoI samples; the encoder applies all
+    blocks' weightings at once (`GPSEncoder.pooled_rois`) and hands each block its (B*N, width) result."""
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        self.roi_pool = nn.Linear(config.roi_size ** 2, 1)   # learned weighting of the token's RoI samples
+        self.roi_pool = nn.Linear(config.roi_size ** 2, 1)
         self.norm1 = nn.LayerNorm(config.width)
         self.attn = TokenAttention(config.width, config.heads)
         self.norm2 = nn.LayerNorm(config.width)
         self.mlp = Mlp(config.width, config.mlp_ratio * config.width, config.width)
 
-    def forward(self, x: torch.Tensor, roi_samples: torch.Tensor) -> torch.Tensor:
-        x = x + self.roi_pool(roi_samples).view(x.shape)                     # (B*N, width, r*r) -> (B, N, width)
+    def forward(self, x: torch.Tensor, pooled_rois: torch.Tensor) -> torch.Tensor:
+        x = x + pooled_rois.view(x.shape)                                    # (B*N, width) -> (B, N, width)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -261,7 +264,7 @@ class GPSEncoder(nn.Module):
         nn.init.zeros_(self.geometry_head.bias)
 
     def sample_rois(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """RoIAlign of the stem features over each token's box: (B, N, 4) in [-1, 1] -> (B*N, width, r*r)."""
+        """RoIAlign of the stem features over each token's box: (B, N, 4) in [-1, 1] -> (B*N, stem, r*r)."""
         batch, num, _ = boxes.shape
         height, width = images.shape[-2:]
         features = self.stem(images)
@@ -271,13 +274,29 @@ class GPSEncoder(nn.Module):
         rois = torch.cat([image_index[:, None], pixel_boxes.reshape(batch * num, 4)], dim=1)
         pooled = roi_align(features, rois, output_size=self.roi_size, spatial_scale=1.0, sampling_ratio=-1,
                            aligned=True)
-        return self.roi_proj(pooled).flatten(2)
+        return pooled.flatten(2)
+
+    def pooled_rois(self, samples: torch.Tensor) -> torch.Tensor:
+        """Every block's pooled RoI input: (B*N, stem, r*r) samples -> (depth, B*N, width).
+
+        Block k adds roi_pool_k(roi_proj(samples)): the r*r samples projected to the encoder width (a 1x1
+        conv), then weighted and summed (a linear map r*r -> 1). Both maps are linear, so here the weighting
+        comes first, for all blocks in one product, and the projection after it: the same numbers without
+        forming the (B*N, width, r*r) projected samples, which each block would otherwise read, and whose
+        gradient each block's backward pass would write and sum (about 20 GB of memory traffic per step at
+        M128, batch 16)."""
+        weights = torch.stack([block.roi_pool.weight[0] for block in self.blocks], dim=1)     # (r*r, depth)
+        biases = torch.stack([block.roi_pool.bias[0] for block in self.blocks])               # (depth,)
+        weighted = (samples @ weights).permute(2, 0, 1)                                       # (depth, B*N, stem)
+        projection = self.roi_proj.weight[:, :, 0, 0]                                         # (width, stem)
+        projected = weighted @ projection.t()
+        return projected + (self.roi_proj.bias[None, :] * weights.sum(0)[:, None] + biases[:, None])[:, None]
 
     def forward(self, images: torch.Tensor, init_geometry: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        roi_samples = self.sample_rois(images, boxes)
+        pooled = self.pooled_rois(self.sample_rois(images, boxes))
         x = self.query + self.geometry_embed(init_geometry)
-        for block in self.blocks:
-            x = block(x, roi_samples)
+        for block, block_rois in zip(self.blocks, pooled):
+            x = block(x, block_rois)
         geometry = refine_geometry(init_geometry, self.geometry_head(x))
         return torch.cat([geometry, self.texture_head(x)], dim=-1)
 
