@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer import GPSToken, GPSTokenConfig, config_from_released, load_config
-from tokenizer.model import TileGroupNorm, refine_geometry
+from tokenizer.model import TileGroupNorm, refine_geometry, repeat_pixels
 from tokenizer.tiles import join_tiles, merge_tile_tokens, split_tiles
 
 
@@ -162,6 +162,16 @@ def test_pooled_rois_equal_each_block_pooling_the_projected_samples(tiny):
     for ours, theirs in zip(torch.autograd.grad((pooled * weights).sum(), parameters),
                             torch.autograd.grad((released * weights).sum(), parameters)):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_repeat_pixels_is_nearest_upsampling_in_the_same_layout(memory_format):
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    ours, theirs = repeat_pixels(x), F.interpolate(x, scale_factor=2.0, mode="nearest")
+    assert torch.equal(ours, theirs) and ours.is_contiguous(memory_format=memory_format)
+    weights = torch.randn_like(theirs)
+    torch.testing.assert_close(torch.autograd.grad((ours * weights).sum(), x)[0],
+                               torch.autograd.grad((theirs * weights).sum(), x)[0], rtol=1e-14, atol=1e-14)
 
 
 def released_tile_norm(norm: TileGroupNorm, x: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,20 @@ class SpatialSelfAttention(nn.Module):
         return x + self.proj_out(out.transpose(1, 2).reshape(batch, channels, height, width))
 
 
+def repeat_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2 upsampling of (B, C, H, W), `F.interpolate(x, scale_factor=2.0, mode="nearest")`.
+
+    Written as a broadcast and a reshape, in the input's memory layout, so that its backward pass sums each
+    2x2 block of the gradient: under torch.compile the interpolation's backward is a scatter with atomic adds,
+    which took 5 ms of an M128 bf16 training step on an H200."""
+    batch, channels, height, width = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        pixels = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(batch, height, 2, width, 2, channels)
+        return pixels.reshape(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
+    pixels = x[:, :, :, None, :, None].expand(batch, channels, height, 2, width, 2)
+    return pixels.reshape(batch, channels, 2 * height, 2 * width)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2 then conv3x3."""
 
@@ -163,7 +177,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(repeat_pixels(x))
 
 
 # --------------------------------------------------------------------------------------------------------------
