@@ -1,12 +1,17 @@
-"""Multi-GPU checks of the generator on one host with >= 2 GPUs: one command, each step time-limited and logged.
+"""Multi-GPU checks of the generator and the tokenizer on one host with >= 2 GPUs: one command, each step
+time-limited and logged.
 
-    python3 benchmarks/multi_gpu.py --output $OUT/multi_gpu [--gpus 2] [--budget 420] [--skip tokenizer] [--dit-compile]
+    python3 benchmarks/multi_gpu.py --output $OUT/multi_gpu [--gpus 2] [--budget 420] --skip tokenizer [--dit-compile]
+    python3 benchmarks/multi_gpu.py --output $OUT/multi_gpu_tokenizer [--gpus 2] --budget 570 \
+        --skip curves sampling throughput tokenizer_curves     # the tokenizer's throughput: a call of its own
     python3 benchmarks/multi_gpu.py --output /tmp/mg --allow-cpu --steps 200 --batch 32 --samples 1024 \
-        --skip throughput tokenizer                          # CPU smoke test of steps 1-2 (about 2.5 min on 2 cores)
+        --skip throughput tokenizer --tokenizer-steps 60 --tokenizer-batch 8 \
+        --tokenizer-override losses.feature_weight=0       # CPU smoke test of steps 1, 2, 4 (Inception: slow there)
 
 Steps, in this order (a step that fails or runs out of time is recorded and the next one starts; the steps share
 `--budget` seconds, a step left with < 20 s is skipped). Estimated on 2 H200s: curves 1 min, sampling 1 min,
-throughput 2 min eager (add ~80 s per run for `--dit-compile`), tokenizer 1.5 min.
+throughput 2 min eager (add ~80 s per run for `--dit-compile`), tokenizer curves 1.5 min, tokenizer throughput
+about 8 min compiled (two runs; the second reuses the first one's compilation cache).
 
 1. curves: the real `generator/train_dit.py` under `accelerate launch` on 1 GPU and on `--gpus` GPUs, same seed,
    same token shards, same GLOBAL batch (`data.batch_size` is per process, so it is `--batch / gpus` on the multi-GPU
@@ -24,14 +29,18 @@ throughput 2 min eager (add ~80 s per run for `--dit-compile`), tokenizer 1.5 mi
    the first `--dit-warmup` are not timed) once with `--gpus 1` and once with `--gpus N`; scaling efficiency =
    (images/s on N) / (N x images/s on 1). Eager unless `--dit-compile` (compiling costs about 80 s per run, see
    benchmarks/RESULTS.md).
-4. tokenizer: `benchmarks/tokenizer_train.py --gpus N --precisions bf16 --steps 30 --warmup 10` (M128, batch 16
-   per GPU, all losses); it needs the scikit-image photos on the machine (`data.source=photos`).
+4. tokenizer_curves: the real `tokenizer/train.py` (configs/train_tiny_photos.yaml: the tiny tokenizer on crops of
+   the bundled photos, all four losses with random loss networks, the GAN from step 20) on 1 and on `--gpus`
+   processes at the same global batch (`--tokenizer-batch`), compared as in step 1 on the pixel loss.
+5. tokenizer: `benchmarks/tokenizer_train.py` (M128, batch 16 per GPU, all losses, cell `--tokenizer-cell`) on 1 GPU
+   and on `--gpus` GPUs: images/s and scaling efficiency; it needs the scikit-image photos on the machine.
 
-Everything is generated here: no dataset or weights are needed. Needs diffusers (the engine's EMA) importable.
-Written to DIR (a folder of its own: it holds a `logs/` folder while running): summary.md (the table), results.json
-(every number), curves.png, logs.tgz (one log per command plus the step outputs). Scratch (shards, runs, samples)
-lives in `--work` (default a temporary folder, deleted at the end).
-`--allow-cpu` runs the same commands as CPU processes (gloo) for a smoke test on a machine without GPUs.
+Everything is generated here: no dataset or weights are needed. Needs diffusers (the engine's EMA) and, for the
+tokenizer steps, lpips importable. Written to DIR (a folder of its own: it holds a `logs/` folder while running):
+summary.md (the table), results.json (every number), curves.png and tokenizer_curves.png, logs.tgz (one log per
+command plus the step outputs). Scratch (shards, runs, samples) lives in `--work` (default a temporary folder,
+deleted at the end). `--allow-cpu` runs the same commands as CPU processes (gloo) for a smoke test on a machine
+without GPUs.
 """
 from __future__ import annotations
 
@@ -58,9 +67,11 @@ from generator.report import line_plot  # noqa: E402
 from generator.shards import ShardPlan, finalize_shards, write_plan, write_shard  # noqa: E402
 from tokenizer.engine import read_metrics  # noqa: E402
 
-STEPS = ("curves", "sampling", "throughput", "tokenizer")
-STEP_LIMITS = {"curves": 150, "sampling": 100, "throughput": 300, "tokenizer": 150}  # seconds, before the budget
+STEPS = ("curves", "sampling", "throughput", "tokenizer_curves", "tokenizer")
+STEP_LIMITS = {"curves": 150, "sampling": 100, "throughput": 300, "tokenizer_curves": 150,
+               "tokenizer": 560}  # seconds, before the budget
 TEXTURE_CONFIG = REPO / "configs" / "dit_tiny.yaml"  # 16 tokens of 5 + 8 channels, 3 classes: gpstoken_tiny32's
+TOKENIZER_TRAIN_CONFIG = REPO / "configs" / "train_tiny_photos.yaml"  # all four losses, GAN from step 20, no dataset
 TOKENIZER = "gpstoken_tiny32"
 NUM_CLASSES, NUM_TOKENS, TEXTURE_CHANNELS, TILE, MIN_SIZE = 3, 16, 8, 32, 4
 
@@ -209,12 +220,12 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def compare_curves(one: list[dict], many: list[dict], window: int, tolerance: float) -> dict:
-    """Smoothed per-step loss curves of two runs: their differences and the verdict."""
-    steps = sorted({r["step"] for r in one} & {r["step"] for r in many})
+def compare_curves(one: list[dict], many: list[dict], window: int, tolerance: float, key: str = "loss") -> dict:
+    """Smoothed per-step curves of the logged value `key` of two runs: their differences and the verdict."""
+    steps = sorted({r["step"] for r in one if key in r} & {r["step"] for r in many if key in r})
     if len(steps) < 2 * window:
         raise StepFailed("failed", f"only {len(steps)} common logged steps (need >= {2 * window}; log_every=1?)")
-    loss = [np.array([{r["step"]: r["loss"] for r in run}[s] for s in steps]) for run in (one, many)]
+    loss = [np.array([{r["step"]: r[key] for r in run if key in r}[s] for s in steps]) for run in (one, many)]
     smooth = [moving_average(curve, window) for curve in loss]
     difference = np.abs(smooth[0] - smooth[1])
     relative = difference / np.abs(smooth[0])
@@ -232,14 +243,14 @@ def compare_curves(one: list[dict], many: list[dict], window: int, tolerance: fl
             "curves": {"step": steps, "loss_1": loss[0].tolist(), "loss_n": loss[1].tolist()}}
 
 
-def plot_curves(path: Path, comparison: dict, gpus: int) -> None:
+def plot_curves(path: Path, comparison: dict, gpus: int, title: str) -> None:
     from PIL import Image
 
     curves, window = comparison["curves"], comparison["window"]
     steps = curves["step"]
     raw = {"1 GPU": (steps, curves["loss_1"]), f"{gpus} GPUs": (steps, curves["loss_n"])}
     smooth = {name: (xs[window - 1:], moving_average(np.array(ys), window)) for name, (xs, ys) in raw.items()}
-    panels = [line_plot(raw, "train_dit loss per step (same global batch)", width=720, height=280),
+    panels = [line_plot(raw, f"{title} per step (same global batch)", width=720, height=280),
               line_plot(smooth, f"moving average over {window} steps", width=720, height=280)]
     Image.fromarray(np.concatenate(panels, axis=0)).save(path)
 
@@ -259,16 +270,20 @@ def step_curves(session: Session, args) -> StepResult:
         if processes == 1:
             session.texture_run = run
     comparison = compare_curves(read_metrics(runs[1]), read_metrics(runs[args.gpus]), args.window, args.tolerance)
-    plot_curves(session.output / "curves.png", comparison, args.gpus)
+    plot_curves(session.output / "curves.png", comparison, args.gpus, "train_dit loss")
+    summary = curves_summary(comparison, "loss", args.batch, args.gpus, args.steps, args.window)
+    return StepResult("curves", "ok" if comparison["match"] else "failed", summary=summary, data=comparison)
+
+
+def curves_summary(comparison: dict, key: str, batch: int, gpus: int, steps: int, window: int) -> str:
     verdict = "MATCH" if comparison["match"] else "DIFFER"
     first, final = comparison["first_loss"], comparison["final_loss_mean_last_window"]
-    summary = (f"global batch {args.batch} ({args.batch // args.gpus} per process on {args.gpus}), {args.steps} steps: "
-               f"loss {first[0]:.3f} -> {final[0]:.3f} (1 GPU) / {final[1]:.3f} ({args.gpus} GPUs); smoothed "
-               f"({args.window} steps) mean abs diff {comparison['mean_abs_diff']:.4f} (noise alone ~"
-               f"{comparison['mean_abs_diff_expected_from_noise']:.4f}), max rel diff "
-               f"{100 * comparison['max_rel_diff']:.2f}% at step {comparison['max_rel_diff_at_step']} "
-               f"(tolerance {100 * args.tolerance:.0f}%): **{verdict}**")
-    return StepResult("curves", "ok" if comparison["match"] else "failed", summary=summary, data=comparison)
+    return (f"global batch {batch} ({batch // gpus} per process on {gpus}), {steps} steps: "
+            f"{key} {first[0]:.3f} -> {final[0]:.3f} (1 GPU) / {final[1]:.3f} ({gpus} GPUs); smoothed "
+            f"({window} steps) mean abs diff {comparison['mean_abs_diff']:.4f} (noise alone ~"
+            f"{comparison['mean_abs_diff_expected_from_noise']:.4f}), max rel diff "
+            f"{100 * comparison['max_rel_diff']:.2f}% at step {comparison['max_rel_diff_at_step']} "
+            f"(tolerance {100 * comparison['tolerance']:.0f}%): **{verdict}**")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,21 +359,52 @@ def step_throughput(session: Session, args) -> StepResult:
     return StepResult("throughput", summary=summary, data={"runs": rows, "scaling_efficiency": efficiency})
 
 
+def step_tokenizer_curves(session: Session, args) -> StepResult:
+    """tokenizer/train.py on 1 and on `--gpus` processes, same seed and global batch: the tiny tokenizer on photo
+    crops with all four losses (random loss networks) and the GAN from step 20. Compared: the pixel loss, the
+    tokenizer's reconstruction term (the total also holds the GAN term, whose discriminator normalises with
+    per-process batch statistics)."""
+    runs = {}
+    batch = args.tokenizer_batch
+    for processes in (1, args.gpus):
+        runs[processes] = session.work / f"tokenizer_{processes}"
+        session.run(f"tokenizer_curves_{processes}gpu", launch(
+            processes, "tokenizer/train.py", "--config", str(TOKENIZER_TRAIN_CONFIG),
+            f"optim.batch_size={batch // processes}", "data.num_workers=2", f"engine.output_dir={runs[processes]}",
+            f"engine.max_steps={args.tokenizer_steps}", "engine.log_every=1",
+            f"engine.checkpoint_every={args.tokenizer_steps}", "monitor.image_every=0", *args.tokenizer_override))
+    comparison = compare_curves(read_metrics(runs[1]), read_metrics(runs[args.gpus]), args.window, args.tolerance,
+                                key="pixel")
+    plot_curves(session.output / "tokenizer_curves.png", comparison, args.gpus, "tokenizer pixel loss")
+    summary = curves_summary(comparison, "pixel loss", batch, args.gpus, args.tokenizer_steps, args.window)
+    return StepResult("tokenizer_curves", "ok" if comparison["match"] else "failed", summary=summary,
+                      data=comparison)
+
+
 def step_tokenizer(session: Session, args) -> StepResult:
-    table = session.logs / "tokenizer_train.md"
-    session.run(f"tokenizer_{args.gpus}gpu", [
-        sys.executable, str(REPO / "benchmarks" / "tokenizer_train.py"), "--gpus", str(args.gpus),
-        "--precisions", "bf16", "--steps", "30", "--warmup", "10", "--table", str(table)])
-    lines = [line for line in table.read_text().splitlines() if line.startswith("|")]
-    header, row = ([c.strip() for c in line.strip("|").split("|")] for line in (lines[0], lines[-1]))
-    data = dict(zip(header, row))
-    summary = ", ".join(f"{key}: {value}" for key, value in data.items()) + \
-        " (1 GPU, bf16, in benchmarks/RESULTS.md: 61.2 images/s)"
-    return StepResult("tokenizer", summary=summary, data=data)
+    """benchmarks/tokenizer_train.py (M128, batch 16 per GPU, all losses) with one cell, on 1 GPU and on `--gpus`:
+    images/s and scaling efficiency. The compiled cell takes about 4 minutes per run on an H200 (the second run
+    reuses the first one's compilation cache): run this step in a call of its own (see the module doc)."""
+    rows = {}
+    for gpus in (1, args.gpus):
+        out = session.work / f"tokenizer_train_{gpus}gpu"
+        session.run(f"tokenizer_{gpus}gpu", [
+            sys.executable, str(REPO / "benchmarks" / "tokenizer_train.py"), "--gpus", str(gpus),
+            "--cells", args.tokenizer_cell, "--steps", "30", "--warmup", "10", "--no-data-probe",
+            "--cell-timeout", str(max(int(session.remaining()) - 10, 10)), "--out", str(out)])
+        result = json.loads((out / "results.json").read_text())[0]
+        if "error" in result:
+            raise StepFailed("failed", f"tokenizer_train.py on {gpus} GPU(s): {result['error']}")
+        rows[gpus] = result
+    efficiency = rows[args.gpus]["images_per_s"] / (args.gpus * rows[1]["images_per_s"])
+    summary = (f"GPSToken-M128, batch 16 per GPU, all losses, {args.tokenizer_cell}: 1 GPU "
+               f"{rows[1]['images_per_s']:.1f} img/s ({rows[1]['peak_memory_gib']:.1f} GiB), {args.gpus} GPUs "
+               f"{rows[args.gpus]['images_per_s']:.1f} img/s; scaling efficiency **{100 * efficiency:.1f}%**")
+    return StepResult("tokenizer", summary=summary, data={"runs": rows, "scaling_efficiency": efficiency})
 
 
 STEP_FUNCTIONS = {"curves": step_curves, "sampling": step_sampling, "throughput": step_throughput,
-                  "tokenizer": step_tokenizer}
+                  "tokenizer_curves": step_tokenizer_curves, "tokenizer": step_tokenizer}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,7 +429,8 @@ def write_report(output: Path, results: list[StepResult], args, machine: str) ->
              "| step | status | time (s) | result |", "|---|---|---|---|"]
     for result in results:
         lines.append(f"| {result.name} | {result.status} | {result.seconds:.0f} | {result.summary} |")
-    lines += ["", "Logs: logs.tgz (one log per command, the step outputs). Curves: curves.png. Numbers: results.json."]
+    lines += ["", "Logs: logs.tgz (one log per command, the step outputs). Curves: curves.png (texture model), "
+              "tokenizer_curves.png. Numbers: results.json."]
     (output / "summary.md").write_text("\n".join(lines) + "\n")
     (output / "results.json").write_text(json.dumps(
         {"machine": machine, "arguments": vars(args), "steps": [asdict(r) for r in results]}, indent=1, default=str))
@@ -412,9 +459,17 @@ def main(argv: list[str] | None = None) -> int:
     throughput.add_argument("--dit-steps", type=int, default=50)
     throughput.add_argument("--dit-warmup", type=int, default=20)
     throughput.add_argument("--dit-compile", action="store_true")
+    tokenizer = parser.add_argument_group("tokenizer")
+    tokenizer.add_argument("--tokenizer-steps", type=int, default=300, help="steps of the tokenizer curves")
+    tokenizer.add_argument("--tokenizer-batch", type=int, default=32, help="global batch of the tokenizer curves")
+    tokenizer.add_argument("--tokenizer-override", nargs="*", default=[], metavar="KEY=VALUE",
+                           help="more overrides of the tokenizer curves' run config")
+    tokenizer.add_argument("--tokenizer-cell", default="bf16:compile+channels_last",
+                           help="benchmarks/tokenizer_train.py cell of the tokenizer throughput step")
     args = parser.parse_args(argv)
-    if args.gpus < 2 or args.batch % args.gpus or args.samples % args.batch:
-        parser.error("need --gpus >= 2, --batch divisible by --gpus and --samples by --batch (same global batches)")
+    if args.gpus < 2 or args.batch % args.gpus or args.samples % args.batch or args.tokenizer_batch % args.gpus:
+        parser.error("need --gpus >= 2, --batch and --tokenizer-batch divisible by --gpus and --samples by --batch "
+                     "(same global batches)")
     import torch
 
     if torch.cuda.device_count() < args.gpus and not args.allow_cpu:
