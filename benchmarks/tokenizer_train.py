@@ -155,7 +155,8 @@ def main() -> None:
         lines.append(f"Loader alone ({args.workers} workers, photos, partition in workers): {rate:.0f} images/s\n")
         print(lines[-1], flush=True)
     lines += ["| GPUs | cell | images/s (all GPUs) | ms per tokenizer update | data wait ms/step | "
-              "peak memory per GPU (GiB) | GPU busy ms/step (profiled) | GPU busy share (profiled) | host syncs/step | cell wall s |",
+              "peak memory per GPU (GiB) | GPU busy ms/step (profiled) | GPU busy share (profiled) | "
+              "host syncs/step | cell wall s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     results = []
     for cell in args.cells:
@@ -166,7 +167,8 @@ def main() -> None:
         else:
             lines.append(f"| {args.gpus} | {cell} | {result['images_per_s']:.1f} | {result['update_ms']:.0f} | "
                          f"{result['data_wait_ms']:.1f} | {result['peak_memory_gib']:.1f} | "
-                         f"{result['gpu_busy_ms']:.0f} | {result['gpu_busy_share']:.0%} | {result['syncs']:.1f} | {result['wall_s']:.0f} |")
+                         f"{result['gpu_busy_ms']:.0f} | {result['gpu_busy_share']:.0%} | {result['syncs']:.1f} | "
+                         f"{result['wall_s']:.0f} |")
         print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
     print(table)

@@ -158,7 +158,8 @@ def test_pooled_rois_equal_each_block_pooling_the_projected_samples(tiny):
     pooled = encoder.pooled_rois(samples)
     torch.testing.assert_close(pooled, released, rtol=1e-12, atol=1e-12)
     weights = torch.randn_like(pooled)
-    parameters = [encoder.roi_proj.weight, encoder.roi_proj.bias, *(p for b in encoder.blocks for p in b.roi_pool.parameters())]
+    parameters = [encoder.roi_proj.weight, encoder.roi_proj.bias,
+                  *(p for block in encoder.blocks for p in block.roi_pool.parameters())]
     for ours, theirs in zip(torch.autograd.grad((pooled * weights).sum(), parameters),
                             torch.autograd.grad((released * weights).sum(), parameters)):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)

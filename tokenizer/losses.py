@@ -196,7 +196,8 @@ def adaptive_gan_weight(reconstruction: torch.Tensor, reconstruction_grad: torch
     The two losses enter through their gradients at the reconstruction (the output of the layer that owns w),
     so each weight gradient is one backward step through that layer only."""
     def at_weight(image_grad: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.grad(reconstruction, last_layer, image_grad.to(reconstruction.dtype), retain_graph=True)[0]
+        grad_output = image_grad.to(reconstruction.dtype)
+        return torch.autograd.grad(reconstruction, last_layer, grad_output, retain_graph=True)[0]
 
     ratio = at_weight(reconstruction_grad).norm() / (at_weight(generator_grad).norm() + 1e-4)
     return ratio.clamp(0.0, 1e4).detach()
