@@ -275,9 +275,11 @@ class TFInceptionV3(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 def _tf1_source_coordinates(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TF1 ``align_corners=False`` sampling: output pixel i reads input coordinate i * in/out (float32)."""
-    coords = torch.arange(out_size, dtype=torch.float32, device=device) * torch.tensor(
-        in_size / out_size, dtype=torch.float32, device=device)
+    """TF1 ``align_corners=False`` sampling: output pixel i reads input coordinate i * in/out (float32).
+
+    The scale is a Python number, which PyTorch rounds to float32 before multiplying a float32 tensor: the same
+    products as a float32 scale tensor, without copying one to the device (a host sync per resize)."""
+    coords = torch.arange(out_size, dtype=torch.float32, device=device) * (in_size / out_size)
     low = coords.long()
     high = (low + 1).clamp_max(in_size - 1)
     return low, high, coords - low.float()

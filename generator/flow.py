@@ -11,8 +11,9 @@ geometry (the layout), every channel standardised with per-channel statistics of
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -84,9 +85,18 @@ class TokenStats:
             raise ValueError("TokenStats: every std must be > 0")
 
     def tensors(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device)
-        std = torch.tensor(self.std, dtype=like.dtype, device=like.device)
-        return mean, std
+        return channel_constants(self.mean, like), channel_constants(self.std, like)
+
+
+def channel_constants(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """`values` as a tensor of `like`'s dtype on its device, made once per (values, device, dtype) and shared (not
+    to be modified): a tensor built from Python numbers is a host-to-device copy, which waits for the device."""
+    return _device_constants(tuple(values), like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constants(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 # Statistics of the released GPSToken-M128 tokens used by the released generator (SPEC.md section 7).

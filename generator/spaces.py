@@ -28,7 +28,8 @@ from typing import Protocol
 
 import torch
 
-from .flow import GEOMETRY_DIM, RHO_RANGE, SIGMA_RANGE, TokenStats, normalize_tokens, postprocess_tokens
+from .flow import GEOMETRY_DIM, RHO_RANGE, SIGMA_RANGE, TokenStats, channel_constants, normalize_tokens, \
+    postprocess_tokens
 
 __all__ = ["STAGES", "FlowSpace", "TextureSpace", "LayoutSpace", "JointSpace", "canonical_order",
            "sort_canonically"]
@@ -52,11 +53,11 @@ def sort_canonically(*tensors: torch.Tensor, by: torch.Tensor) -> tuple[torch.Te
 
 
 def _standardise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    return (x - x.new_tensor(mean)) / x.new_tensor(std)
+    return (x - channel_constants(mean, x)) / channel_constants(std, x)
 
 
 def _destandardise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    return x * x.new_tensor(std) + x.new_tensor(mean)
+    return x * channel_constants(std, x) + channel_constants(mean, x)
 
 
 class FlowSpace(Protocol):
