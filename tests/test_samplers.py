@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from generator.config import SamplerConfig, load_generator_config
-from generator.flow import (M128_TOKEN_STATS, interpolate, normalize_tokens, postprocess_tokens,
+from generator.flow import (M128_TOKEN_STATS, channel_constants, interpolate, normalize_tokens, postprocess_tokens,
                             sample_timesteps, velocity_loss)
 from generator.official import load_released_generator
 from generator.samplers import (Guidance, GuidedVelocity, RowNoise, euler_maruyama, euler_ode, generate,
@@ -195,6 +195,15 @@ def test_path_loss_and_timesteps():
     assert abs(uniform.mean() - 0.5) < 0.01 and abs(logit.median() - torch.sigmoid(torch.tensor(1.0))) < 0.01
     with pytest.raises(ValueError, match="unknown timestep sampling"):
         sample_timesteps(4, "cosine")
+
+
+def test_channel_constants_are_made_once_per_dtype():
+    like64, like32 = torch.zeros(1, dtype=torch.float64), torch.zeros(3)
+    first = channel_constants([0.1, 2.5], like64)
+    assert first.dtype == torch.float64 and first.tolist() == [0.1, 2.5]
+    assert channel_constants((0.1, 2.5), like64) is first                      # no new host-to-device copy
+    assert channel_constants((0.1, 2.5), like32).dtype == torch.float32
+    assert channel_constants((0.1, 2.6), like64).tolist() == [0.1, 2.6]
 
 
 def test_postprocess_is_released_inverse_of_normalisation():
