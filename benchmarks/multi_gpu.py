@@ -225,7 +225,8 @@ def compare_curves(one: list[dict], many: list[dict], window: int, tolerance: fl
     steps = sorted({r["step"] for r in one if key in r} & {r["step"] for r in many if key in r})
     if len(steps) < 2 * window:
         raise StepFailed("failed", f"only {len(steps)} common logged steps (need >= {2 * window}; log_every=1?)")
-    loss = [np.array([{r["step"]: r[key] for r in run if key in r}[s] for s in steps]) for run in (one, many)]
+    by_step = [{r["step"]: r[key] for r in run if key in r} for run in (one, many)]
+    loss = [np.array([values[s] for s in steps]) for values in by_step]
     smooth = [moving_average(curve, window) for curve in loss]
     difference = np.abs(smooth[0] - smooth[1])
     relative = difference / np.abs(smooth[0])

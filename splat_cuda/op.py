@@ -3,12 +3,12 @@
 `splat_cuda::render_forward(tokens, height, width, dmax, deterministic) -> (map, prep, masks)` renders
 the (B, C, H, W) map and leaves for the backward the tiles each token touches, as bits of `masks`
 (B, tiles, ceil(N / 32)) int32, and each token's derived geometry and float32 features, padded to the
-kernel's channel count, in `prep` (B, N, 8 + CPT). `splat_cuda::render_backward(tokens, prep, masks, grad_out, height, width, dmax,
-deterministic) -> (B, N, 5 + C)` reuses `prep` and `masks` (autograd keeps them; they are not
-differentiable). Every kernel covers the whole batch in one launch on PyTorch's current stream; the ops
-allocate only through PyTorch and never synchronise with the host, so they work in eager mode, under
-`torch.compile(fullgraph=True)` (the fake implementations give shapes) and inside CUDA-graph capture
-(after a first eager call has compiled and loaded the kernels).
+kernel's channel count, in `prep` (B, N, 8 + CPT).
+`splat_cuda::render_backward(tokens, prep, masks, grad_out, height, width, dmax, deterministic) -> (B, N, 5 + C)`
+reuses `prep` and `masks` (autograd keeps them; they are not differentiable). Every kernel covers the whole
+batch in one launch on PyTorch's current stream; the ops allocate only through PyTorch and never synchronise
+with the host, so they work in eager mode, under `torch.compile(fullgraph=True)` (the fake implementations
+give shapes) and inside CUDA-graph capture (after a first eager call has compiled and loaded the kernels).
 
 Accumulation is fp32 whatever the token dtype; the output has the tokens' dtype, and so does the
 gradient (computed in fp32, then cast). The default backward adds per-tile partial gradients with

@@ -456,8 +456,8 @@ class TrainingEngine:
         """One optimizer step of `model` over `grad_accum_steps` micro-batches drawn from `batches`.
 
         `loss_fn(batch) -> (loss, terms)` runs under autocast; every term and the loss (and the gradient norm
-        when clipping) go to the NaN guard (`check_finite`). Returns the terms averaged over the micro-batches (detached, on the device) plus
-        `grad_norm` when clipping is on."""
+        when clipping) go to the NaN guard (`check_finite`). Returns the terms averaged over the micro-batches
+        (detached, on the device) plus `grad_norm` when clipping is on."""
         accumulated: dict[str, torch.Tensor] = {}
         for _ in range(self.config.grad_accum_steps):
             batch = next(batches)
