@@ -86,16 +86,25 @@ struct __align__(16) Geo {  // one token's geometry, prepared once per block (32
     float hinv;        // 1 / (2 (1 - rho^2))
 };
 
+// A token's box: centre and half-widths dmax * sigma (no division: the culling tests need only this).
+struct Box { float mx, my, hx, hy; };
+
+template <typename T>
+__device__ __forceinline__ Box token_box(const T* tok, float dmax) {
+    return Box{to_float(tok[3]), to_float(tok[4]), __fmul_rn(dmax, to_float(tok[0])), __fmul_rn(dmax, to_float(tok[1]))};
+}
+
 template <typename T>
 __device__ __forceinline__ Geo make_geo(const T* tok, float dmax) {
-    const float sx = to_float(tok[0]), sy = to_float(tok[1]), rho = to_float(tok[2]);
+    const Box box = token_box(tok, dmax);
+    const float rho = to_float(tok[2]);
     Geo g;
-    g.mx = to_float(tok[3]);
-    g.my = to_float(tok[4]);
-    g.hx = __fmul_rn(dmax, sx);
-    g.hy = __fmul_rn(dmax, sy);
-    g.isx = 1.0f / sx;
-    g.isy = 1.0f / sy;
+    g.mx = box.mx;
+    g.my = box.my;
+    g.hx = box.hx;
+    g.hy = box.hy;
+    g.isx = 1.0f / to_float(tok[0]);
+    g.isy = 1.0f / to_float(tok[1]);
     g.rho = rho;
     g.hinv = 0.5f / ((1.0f - rho) * (1.0f + rho));
     return g;
@@ -122,7 +131,9 @@ __device__ __forceinline__ float2 in_register(float2 v) {
 // Conservative box-vs-rectangle test: true whenever some pixel centre in [x_lo, x_hi] x [y_lo, y_hi]
 // can pass the exact per-pixel box test. The margin (1e-5 relative) absorbs every rounding of the
 // per-pixel test (written with _rn intrinsics, so no contraction changes it between kernels).
-__device__ __forceinline__ bool box_touches(const Geo& g, float x_lo, float x_hi, float y_lo, float y_hi) {
+// (G: Box or Geo, both start with the centre and half-widths.)
+template <typename G>
+__device__ __forceinline__ bool box_touches(const G& g, float x_lo, float x_hi, float y_lo, float y_hi) {
     const float mxm = __fmul_rn(1e-5f, __fadd_rn(__fadd_rn(1.0f, fabsf(g.mx)), g.hx));
     const float mym = __fmul_rn(1e-5f, __fadd_rn(__fadd_rn(1.0f, fabsf(g.my)), g.hy));
     return __fsub_rn(g.mx, g.hx) <= __fadd_rn(x_hi, mxm) && __fadd_rn(g.mx, g.hx) >= __fsub_rn(x_lo, mxm) &&
@@ -142,7 +153,8 @@ struct Rect { float x_lo, x_hi, y_lo, y_hi; };
 __device__ __forceinline__ Rect pixel_rect(const float2* col_s, const float2* row_s, int i0, int i1, int j0, int j1) {
     return Rect{col_s[i0].x, col_s[i1].x, row_s[j0].x, row_s[j1].x};
 }
-__device__ __forceinline__ bool box_touches(const Geo& g, const Rect& r) {
+template <typename G>
+__device__ __forceinline__ bool box_touches(const G& g, const Rect& r) {
     return box_touches(g, r.x_lo, r.x_hi, r.y_lo, r.y_hi);
 }
 
@@ -329,37 +341,40 @@ __device__ __forceinline__ void copy_feature_rows(int rows, Load load, Store sto
     }
 }
 
+// ---- the forward's `prep` rows: each tile writes those of a contiguous share of the tokens ----
+// Tile t writes the rows of tokens [t S, t S + S), S = ceil(N / tiles): the derived geometry and the features
+// as float32, padded with zeros to CPT. Every token gets its row, whether or not its box touches the map.
+template <typename T, int CPT>
+__device__ __forceinline__ void write_prep_rows(const T* tok_b, float* prep_b, int N, int C, float dmax,
+                                                int num_tiles) {
+    const int D = 5 + C;
+    const int share = (N + num_tiles - 1) / num_tiles;
+    const int first = min((int)blockIdx.x * share, N), rows = min(first + share, N) - first;
+    const T* tok = tok_b + (size_t)first * D;
+    float* prep_rows = prep_b + (size_t)first * (GEO_FLOATS + CPT);
+    for (int r = (threadIdx.x & 31) * WARPS + (threadIdx.x >> 5); r < rows; r += THREADS) {  // row r: warp r % 8
+        const Geo gd = make_geo(tok + (size_t)r * D, dmax);
+        float4* row = reinterpret_cast<float4*>(prep_rows + (size_t)r * (GEO_FLOATS + CPT));
+        row[0] = make_float4(gd.mx, gd.my, gd.hx, gd.hy);
+        row[1] = make_float4(gd.isx, gd.isy, gd.rho, gd.hinv);
+    }
+    copy_feature_rows<CPT, 2>(
+        rows, [&](int r, int k) { return k < C ? to_float(tok[r * D + 5 + k]) : 0.0f; },
+        [&](int r, int k, float v) { prep_rows[r * (GEO_FLOATS + CPT) + GEO_FLOATS + k] = v; });
+}
+
 // ---- culling a round of tokens into the forward block's shared list ----
-// Tests tokens [base, base + ROUND) against the tile, writes the hits in token order to geo_s and
-// idx_s, stages their features (padded to CPT with zeros) in feat_s, and returns the list length.
-// Also stores the round's words of the tile's mask and the `prep` rows of the round's tokens that this
-// tile writes (i % tiles == tile).
+// Tests tokens [base, base + ROUND) against the tile (box only: no division), stores the round's words of the
+// tile's mask, writes the hits in token order to idx_s, then their geometry to geo_s (one thread per hit) and
+// their features (padded to CPT with zeros) to feat_s. Returns the list length.
 template <typename T, int CPT, int ROUND>
 __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C, float dmax, const Rect& tile,
-                                          unsigned* mask_tile, float* prep_b, int num_tiles, Geo* geo_s,
-                                          int* idx_s, float* feat_s, int* warp_count) {
+                                          unsigned* mask_tile, Geo* geo_s, int* idx_s, float* feat_s,
+                                          int* warp_count) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int D = 5 + C;
     const int i = base + tid;
-    const int end = min(base + ROUND, N);
-    bool hit = false;
-    Geo gd;
-    if (i < end) {
-        gd = make_geo(tok_b + (size_t)i * D, dmax);
-        hit = box_touches(gd, tile);
-        if (i % num_tiles == (int)blockIdx.x) {
-            float4* row = reinterpret_cast<float4*>(prep_b + (size_t)i * (GEO_FLOATS + CPT));
-            row[0] = make_float4(gd.mx, gd.my, gd.hx, gd.hy);
-            row[1] = make_float4(gd.isx, gd.isy, gd.rho, gd.hinv);
-        }
-    }
-    // the features of this tile's `prep` rows: tokens first, first + num_tiles, ... below `end`
-    const int first = base + ((int)blockIdx.x - base % num_tiles + num_tiles) % num_tiles;
-    const int owned = first < end ? (end - 1 - first) / num_tiles + 1 : 0;
-    copy_feature_rows<CPT, 4>(
-        owned,
-        [&](int r, int k) { return k < C ? to_float(tok_b[(size_t)(first + r * num_tiles) * D + 5 + k]) : 0.0f; },
-        [&](int r, int k, float v) { prep_b[(size_t)(first + r * num_tiles) * (GEO_FLOATS + CPT) + GEO_FLOATS + k] = v; });
+    const bool hit = i < min(base + ROUND, N) && box_touches(token_box(tok_b + (size_t)i * D, dmax), tile);
     const unsigned mask = __ballot_sync(FULL_MASK, hit);
     if (lane == 0) {
         warp_count[warp] = __popc(mask);
@@ -373,12 +388,9 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
         offset += (w < warp) ? c : 0;
         total += c;
     }
-    if (hit) {
-        const int slot = offset + __popc(mask & ((1u << lane) - 1u));
-        geo_s[slot] = gd;
-        idx_s[slot] = i;
-    }
+    if (hit) idx_s[offset + __popc(mask & ((1u << lane) - 1u))] = i;
     __syncthreads();
+    if (tid < total) geo_s[tid] = make_geo(tok_b + (size_t)idx_s[tid] * D, dmax);  // total <= ROUND <= THREADS
     copy_feature_rows<CPT, 4>(
         total, [&](int r, int k) { return k < C ? to_float(tok_b[(size_t)idx_s[r] * D + 5 + k]) : 0.0f; },
         [&](int r, int k, float v) { feat_s[r * CPT + k] = v; });
@@ -408,20 +420,20 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, float* __r
     const bool group_in_map = tx0 + lx0 < W && ty0 + ly0 < H;
     stage_pixel_coords(col_s, row_s, tx0, ty0, W, H);
     __syncthreads();
+
+    const T* tok_b = tokens + (size_t)b * N * (5 + C);
+    unsigned* mask_tile = masks + ((size_t)b * num_tiles + blockIdx.x) * ((N + 31) >> 5);
     const Rect tile = pixel_rect(col_s, row_s, 0, TILE - 1, 0, TILE - 1);
     const Rect group = pixel_rect(col_s, row_s, lx0, lx0 + 7, ly0, ly0 + 3);
     const float2 px = in_register(col_s[lx0 + (lane & 7)]), py = in_register(row_s[ly0 + (lane >> 3)]);
 
-    const T* tok_b = tokens + (size_t)b * N * (5 + C);
-    unsigned* mask_tile = masks + ((size_t)b * num_tiles + blockIdx.x) * ((N + 31) >> 5);
-    float* prep_b = prep + (size_t)b * N * (GEO_FLOATS + CPT);
     float acc[CPT];
 #pragma unroll
     for (int k = 0; k < CPT; ++k) acc[k] = 0.0f;
 
     for (int base = 0; base < N; base += ROUND) {
-        const int total = cull_round<T, CPT, ROUND>(tok_b, base, N, C, dmax, tile, mask_tile, prep_b, num_tiles,
-                                                    geo_s, idx_s, feat_s, warp_count);
+        const int total = cull_round<T, CPT, ROUND>(tok_b, base, N, C, dmax, tile, mask_tile, geo_s, idx_s, feat_s,
+                                                    warp_count);
         if (group_in_map) {
             for (int wb = 0; wb < total; wb += 32) {
                 const int j = wb + lane;
@@ -447,39 +459,50 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, float* __r
     if (x < W && y < H) {
         const size_t plane = (size_t)H * W;
         T* o = out + (size_t)b * C * plane + (size_t)y * W + x;
+        if (C == CPT) {  // (no test per channel)
 #pragma unroll
-        for (int k = 0; k < CPT; ++k, o += plane)
-            if (k < C) *o = from_float<T>(acc[k]);
+            for (int k = 0; k < CPT; ++k, o += plane) *o = from_float<T>(acc[k]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < CPT; ++k, o += plane)
+                if (k < C) *o = from_float<T>(acc[k]);
+        }
     }
+    // last, so that no warp waits for it: the backward's `prep` rows of this tile's share of the tokens
+    write_prep_rows<T, CPT>(tok_b, prep + (size_t)b * N * (GEO_FLOATS + CPT), N, C, dmax, num_tiles);
 }
 
 // ---- backward ----
 
 // The pixels [lo, hi] of one axis (n pixels, tile starting at t0) whose centres pass the box test of
 // pixel_weight, |(c.x - m) + c.y| <= h (an interval), clamped to the tile and the map, so that the backward
-// walks no pixel outside the box. The float estimate of each end is off by far less than a pixel, so the end is
-// the estimate or its neighbour, told apart by the exact test on the staged centres coord_s (pixels outside
-// the tile count as failing it). fminf/fmaxf drop NaN: the estimate is then the whole tile, and the exact test
-// empties it.
+// walks no pixel outside the box. Each end is estimated in pixel units, pushed outwards by more than the
+// estimate's rounding and the test's (together under 2^-21 (2 + |m| + h) map units), and clamped to the tile;
+// the exact end is then the estimate or inward of it, found by the exact test on the staged centres coord_s
+// (usually one test per end). NaN: the estimates span the tile, and every test fails (an empty range).
 __device__ __forceinline__ int2 box_pixels(float m, float h, int n, int t0, const float2* coord_s) {
     const float scale = 0.5f * (float)(n - 1);
     const int last = min(t0 + TILE, n) - 1;
-    const auto inside = [&](int j) {
-        const float2 c = coord_s[min(max(j, t0), last) - t0];
-        return j >= t0 && j <= last && fabsf((c.x - m) + c.y) <= h;
+    const auto inside = [&](int j) {  // t0 <= j <= last
+        const float2 c = coord_s[j - t0];
+        return fabsf((c.x - m) + c.y) <= h;
     };
-    // estimates of the first and the last pixel inside, clamped to [t0, last]
-    const int lo = (int)fminf(fmaxf(ceilf((m - h + 1.0f) * scale), (float)t0), (float)last);
-    const int hi = (int)fmaxf(fminf(floorf((m + h + 1.0f) * scale), (float)last), (float)t0);
-    const int first_in = inside(lo - 1) ? lo - 1 : (inside(lo) ? lo : lo + 1);
-    const int last_in = inside(hi + 1) ? hi + 1 : (inside(hi) ? hi : hi - 1);
-    return make_int2(first_in, last_in);
+    const float slack = fmaf(1e-6f * scale, 2.0f + fabsf(m) + h, 1e-4f);  // pixels
+    const int lo_est = (int)fminf(fmaxf(ceilf(fmaf(m - h + 1.0f, scale, -slack)), (float)t0), (float)last);
+    const int hi_est = (int)fmaxf(fminf(floorf(fmaf(m + h + 1.0f, scale, slack)), (float)last), (float)t0);
+    int lo = lo_est;
+    while (lo <= hi_est && !inside(lo)) ++lo;
+    int hi = hi_est;
+    while (hi >= lo && !inside(hi)) --hi;
+    return make_int2(lo, hi);
 }
 
 // a / d and a % d for 0 <= a < 64, 1 <= d <= 16 without an integer division: (a + 1/2) / d lies at least 1/32
-// away from an integer, far more than the float error.
+// away from an integer, far more than the error of the approximate reciprocal (2^-22 relative).
 __device__ __forceinline__ int2 small_divmod(int a, int d) {
-    const int q = __float2int_rz(((float)a + 0.5f) * __frcp_rn((float)d));
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"((float)d));
+    const int q = __float2int_rz(((float)a + 0.5f) * r);
     return make_int2(q, a - q * d);
 }
 
@@ -527,12 +550,17 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
     // Stage dL/dout of the tile, four channels per shared store; zeros outside the map and past C.
     {
         const int x = tx0 + (tid & (TILE - 1)), y = ty0 + tid / TILE;
-        const int channels = x < W && y < H ? C : 0;  // channels this thread reads
         const size_t plane = (size_t)H * W;
         const T* d = dout + (size_t)b * C * plane + (size_t)y * W + x;
         T raw[CPT];  // every load in flight before the first conversion
+        if (x < W && y < H && C == CPT) {  // (no test per channel)
 #pragma unroll
-        for (int k = 0; k < CPT; ++k, d += plane) raw[k] = k < channels ? *d : T{};
+            for (int k = 0; k < CPT; ++k, d += plane) raw[k] = *d;
+        } else {
+            const int channels = x < W && y < H ? C : 0;  // channels this thread reads
+#pragma unroll
+            for (int k = 0; k < CPT; ++k, d += plane) raw[k] = k < channels ? *d : T{};
+        }
         float4* row = reinterpret_cast<float4*>(dout_s + tid * DSTRIDE);
 #pragma unroll
         for (int k4 = 0; k4 < CPT / 4; ++k4)
