@@ -10,16 +10,18 @@
 //
 // Work split: blocks of 256 threads, one per (16x16 pixel tile, image); blockIdx.y is the image, so a whole
 // batch is one launch of each kernel. The tile's pixel centres are staged once in shared memory.
-// `render_forward`: each round the block tests ROUND tokens against the tile's box, compacts the hits (in token
-//   order, so sums are order-stable) into a shared list and stages their features; warp w owns an 8x4 pixel
-//   group, lane = pixel, channel accumulators in registers; a warp ballot skips the list entries whose box misses
-//   the group. On the way it writes what the backward needs: the tile's mask (one bit per token whose box touches
-//   the tile: the round's ballots, stored as they are) and, for the tokens i with i % tiles == tile, the token's
-//   derived geometry (centre, box half-widths, 1/sigma, 1/(2(1-rho^2))) and float32 features as a `prep` row.
+// `render_forward`: each round the block tests ROUND tokens' boxes against the tile (no division), compacts the
+//   hits (in token order, so sums are order-stable) into a shared list with their derived geometry and features;
+//   warp w owns an 8x4 pixel group, lane = pixel, channel accumulators in registers; a warp ballot skips the list
+//   entries whose box misses the group. It also writes what the backward needs: the tile's mask (one bit per
+//   token whose box touches the tile: the round's ballots, stored as they are) and, last, for a contiguous share
+//   of the tokens (tile t: tokens t S .. t S + S - 1, S = ceil(N / tiles)), each token's derived geometry
+//   (centre, box half-widths, 1/sigma, 1/(2(1-rho^2))) and float32 features as a `prep` row.
 // `render_backward`: expands the tile's mask into the list of its tokens, stages the tile's dL/dout in shared
 //   memory; each half-warp takes one list entry at a time (the next one nobody has taken, from a shared counter,
 //   so that the work evens out) and walks only the pixels of the token's box inside the tile (16 lanes = 16
-//   pixels), with the token's `prep` row copied into shared memory (cp.async) while the previous token is
+//   pixels; the range's ends from an outward-biased estimate and the exact test), with the token's `prep` row
+//   copied into shared memory (cp.async) while the previous token is
 //   processed; per-lane partial sums are reduced across the half-warp once per (tile, token) and then either
 //   added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that
 //   `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
