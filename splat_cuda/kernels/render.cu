@@ -523,6 +523,12 @@ __device__ __forceinline__ unsigned opaque(unsigned v) {
     return v;
 }
 
+// The dout_s row of tile pixel (ly, lx). Rows are CPT + 4 floats, so a float4 of row r lies in bank group
+// (r + k4) mod 8; rotating each tile row by 3 ly pixels spreads the 8 pixels that a quarter-warp reads at once over
+// the bank groups also when the box is narrower than 8 pixels and the 8 pixels span several rows (row-major walk:
+// widths 1 and 3 conflict-free, 2 and 4 at most 2-way, instead of up to 8-way).
+__device__ __forceinline__ int dout_row(int ly, int lx) { return ly * TILE + ((lx + 3 * ly) & (TILE - 1)); }
+
 // grad: (B, N, 5 + C) fp32. Non-deterministic mode: pre-zeroed, atomically accumulated.
 // Deterministic mode: a (B, tiles, N, 5 + C) buffer; only the entries of listed tokens are written.
 template <typename T, int CPT, bool DETERMINISTIC>
@@ -531,7 +537,7 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
                                          int H, int W) {
     constexpr int DSTRIDE = CPT + 4;  // padded row of the staged dL/dout: conflict-free float4 access
     extern __shared__ float4 smem4[];
-    float* dout_s = reinterpret_cast<float*>(smem4);  // THREADS rows (tile pixel ly * TILE + lx)
+    float* dout_s = reinterpret_cast<float*>(smem4);  // THREADS rows (tile pixel (ly, lx): row dout_row(ly, lx))
     __shared__ TileList tl;
     __shared__ float2 col_s[TILE], row_s[TILE];  // pixel centres of the tile's columns and rows
     constexpr int ROW4 = (GEO_FLOATS + CPT) / 4;  // float4s in a `prep` row
@@ -563,7 +569,7 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
 #pragma unroll
             for (int k = 0; k < CPT; ++k, d += plane) raw[k] = k < channels ? *d : T{};
         }
-        float4* row = reinterpret_cast<float4*>(dout_s + tid * DSTRIDE);
+        float4* row = reinterpret_cast<float4*>(dout_s + dout_row(tid / TILE, tid % TILE) * DSTRIDE);
 #pragma unroll
         for (int k4 = 0; k4 < CPT / 4; ++k4)
             row[k4] = make_float4(to_float(raw[4 * k4]), to_float(raw[4 * k4 + 1]), to_float(raw[4 * k4 + 2]),
@@ -616,7 +622,7 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
                 while (qy < rh) {
                     const int lx = xs.x - tx0 + qx, ly = ys.x - ty0 + qy;
                     const Weight w = pixel_weight(gd, col_s[lx], row_s[ly]);
-                    const float4* d4 = reinterpret_cast<const float4*>(dout_s + (ly * TILE + lx) * DSTRIDE);
+                    const float4* d4 = reinterpret_cast<const float4*>(dout_s + dout_row(ly, lx) * DSTRIDE);
                     float dg_even = 0.0f, dg_odd = 0.0f;  // dL/dg at this pixel = sum_k dout_k f_k, two chains
                     const unsigned f_address = opaque(f_shared);
 #pragma unroll
