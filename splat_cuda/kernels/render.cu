@@ -21,8 +21,8 @@
 //   memory; each half-warp takes one list entry at a time (the next one nobody has taken, from a shared counter,
 //   so that the work evens out) and walks only the pixels of the token's box inside the tile (16 lanes = 16
 //   pixels; the range's ends from an outward-biased estimate and the exact test), with the token's `prep` row
-//   copied into shared memory (cp.async) while the previous token is
-//   processed; per-lane partial sums are reduced across the half-warp once per (tile, token) and then either
+//   copied into shared memory (cp.async) while the previous token is processed; per-lane partial sums are
+//   reduced across the half-warp once per (tile, token) and then either
 //   added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that
 //   `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
 //
@@ -523,10 +523,11 @@ __device__ __forceinline__ unsigned opaque(unsigned v) {
     return v;
 }
 
-// The dout_s row of tile pixel (ly, lx). Rows are CPT + 4 floats, so a float4 of row r lies in bank group
-// (r + k4) mod 8; rotating each tile row by 3 ly pixels spreads the 8 pixels that a quarter-warp reads at once over
-// the bank groups also when the box is narrower than 8 pixels and the 8 pixels span several rows (row-major walk:
-// widths 1 and 3 conflict-free, 2 and 4 at most 2-way, instead of up to 8-way).
+// The dout_s row of tile pixel (ly, lx). A row is an odd number of float4s (CPT + 4 floats, CPT >= 8), so the
+// bank group (of 8) of a row's k-th float4 is set by the row index mod 8. Rotating tile row ly by 3 ly pixels
+// spreads the 8 pixels a quarter-warp reads at once over the bank groups also when the box is narrower than 8
+// pixels and those pixels span several rows (row-major walk: widths 1 and 3 conflict-free, 2 and 4 at most
+// 2-way, instead of up to 8-way).
 __device__ __forceinline__ int dout_row(int ly, int lx) { return ly * TILE + ((lx + 3 * ly) & (TILE - 1)); }
 
 // grad: (B, N, 5 + C) fp32. Non-deterministic mode: pre-zeroed, atomically accumulated.
