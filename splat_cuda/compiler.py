@@ -35,7 +35,7 @@ GEO_FLOATS = 8
 # Blocks per SM the kernels are compiled to fit (forward, backward), by channel padding: measured on an H200
 # (benchmarks/renderer.py --sweep-min-blocks). `SPLAT_CUDA_MIN_BLOCKS=F,B` overrides them, for tuning on
 # other GPUs.
-MIN_BLOCKS = {4: (4, 3), 8: (4, 3), 16: (4, 3), 32: (3, 3), 64: (2, 2)}
+MIN_BLOCKS = {4: (4, 3), 8: (4, 3), 16: (4, 2), 32: (3, 3), 64: (2, 2)}
 
 # Oldest architecture the kernels are written for (warp shuffles with masks, float atomics).
 MIN_COMPUTE_CAPABILITY = (7, 0)
