@@ -126,17 +126,17 @@ def run_gpu(args):
             fwd_in = [(t,) for t in toks]
             both_in = list(zip(toks, gos))
             esize = torch.tensor([], dtype=dtype).element_size()
-            saved = {t.data_ptr(): op.render_forward(t, side, side, 3.0, False)[1:] for t in toks}
+            saved = {t.data_ptr(): op.render_forward(t, side, side, 3.0, False)[1] for t in toks}
 
             def fwd(t):
                 return op.render_forward(t, side, side, 3.0, False)
 
-            def bwd(t, g, deterministic=False):  # with the forward's prep and masks, as autograd does
-                return op.render_backward(t, *saved[t.data_ptr()], g, side, side, 3.0, deterministic)
+            def bwd(t, g, deterministic=False):  # with the forward's masks, as autograd does
+                return op.render_backward(t, saved[t.data_ptr()], g, side, side, 3.0, deterministic)
 
             def both(t, g, deterministic=False):
-                _, prep, masks = fwd(t)
-                return op.render_backward(t, prep, masks, g, side, side, 3.0, deterministic)
+                _, masks = fwd(t)
+                return op.render_backward(t, masks, g, side, side, 3.0, deterministic)
 
             def det(t, g):
                 return both(t, g, True)
@@ -173,8 +173,8 @@ def run_for_profiler(args):
         tokens = make_tokens(batch, num, channels, 0, "cuda", dtype)
         gout = torch.randn(batch, channels, side, side, device="cuda", dtype=dtype)
         for _ in range(3):
-            _, prep, masks = op.render_forward(tokens, side, side, 3.0, False)
-            op.render_backward(tokens, prep, masks, gout, side, side, 3.0, False)
+            _, masks = op.render_forward(tokens, side, side, 3.0, False)
+            op.render_backward(tokens, masks, gout, side, side, 3.0, False)
         torch.cuda.synchronize()
         print(f"profiled {name}")
 

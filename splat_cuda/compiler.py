@@ -26,11 +26,10 @@ MAX_CHANNELS = CHANNEL_PADDINGS[-1]
 STORAGE_TYPES = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t"}
 
 # Must match the kernel source: 16x16 pixel tiles, 256 threads per block, a tile's token list built from at
-# most THREADS 32-bit mask words, a `prep` row of 8 geometry floats before the padded features.
+# most THREADS 32-bit mask words.
 TILE = 16
 THREADS = 256
 MAX_TOKENS = 32 * THREADS
-GEO_FLOATS = 8
 
 # Blocks per SM the kernels are compiled to fit (forward, backward), by channel padding: measured on an H200
 # (benchmarks/renderer.py --sweep-min-blocks). `SPLAT_CUDA_MIN_BLOCKS=F,B` overrides them, for tuning on

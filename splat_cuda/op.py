@@ -1,11 +1,10 @@
 """The CUDA renderer as PyTorch custom ops (`torch.library`), with its autograd formula.
 
-`splat_cuda::render_forward(tokens, height, width, dmax, deterministic) -> (map, prep, masks)` renders
+`splat_cuda::render_forward(tokens, height, width, dmax, deterministic) -> (map, masks)` renders
 the (B, C, H, W) map and leaves for the backward the tiles each token touches, as bits of `masks`
-(B, tiles, ceil(N / 32)) int32, and each token's derived geometry and float32 features, padded to the
-kernel's channel count, in `prep` (B, N, 8 + CPT).
-`splat_cuda::render_backward(tokens, prep, masks, grad_out, height, width, dmax, deterministic) -> (B, N, 5 + C)`
-reuses `prep` and `masks` (autograd keeps them; they are not differentiable). Every kernel covers the whole
+(B, tiles, ceil(N / 32)) int32.
+`splat_cuda::render_backward(tokens, masks, grad_out, height, width, dmax, deterministic) -> (B, N, 5 + C)`
+reuses `masks` (autograd keeps them; they are not differentiable). Every kernel covers the whole
 batch in one launch on PyTorch's current stream; the ops allocate only through PyTorch and never synchronise
 with the host, so they work in eager mode, under `torch.compile(fullgraph=True)` (the fake implementations
 give shapes) and inside CUDA-graph capture (after a first eager call has compiled and loaded the kernels).
@@ -23,7 +22,6 @@ import torch
 
 from . import nvrtc
 from .compiler import (
-    GEO_FLOATS,
     MAX_TOKENS,
     THREADS,
     TILE,
@@ -69,8 +67,8 @@ def _mask_shape(batch: int, num: int, height: int, width: int) -> tuple[int, int
 
 @torch.library.custom_op("splat_cuda::render_forward", mutates_args=(), device_types="cuda")
 def render_forward(tokens: torch.Tensor, height: int, width: int, dmax: float,
-                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, N, 5 + C) tokens -> (B, C, H, W) map, plus `prep` and `masks` for the backward.
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, 5 + C) tokens -> (B, C, H, W) map, plus `masks` for the backward.
 
     `deterministic` only matters to the backward.
     """
@@ -78,27 +76,25 @@ def render_forward(tokens: torch.Tensor, height: int, width: int, dmax: float,
     batch, num, dim = tokens.shape
     kernels = _kernels(tokens)
     out = torch.empty(batch, dim - 5, height, width, dtype=tokens.dtype, device=tokens.device)
-    prep = torch.empty(batch, num, GEO_FLOATS + kernels.cpt, dtype=torch.float32, device=tokens.device)
     masks = torch.empty(_mask_shape(batch, num, height, width), dtype=torch.int32, device=tokens.device)
     if tokens.numel() == 0 or out.numel() == 0:  # nothing to draw (the backward returns zeros for N = 0)
-        return out.zero_(), prep, masks.zero_()
+        return out.zero_(), masks.zero_()
     sizes = (np.int32(num), np.int32(dim - 5), np.int32(height), np.int32(width))
     with torch.cuda.device(tokens.device):
         _launch(kernels.forward, tokens.device, (_tiles(height, width), batch), shared_memory_bytes(kernels.cpt, False),
-                tokens.data_ptr(), prep.data_ptr(), masks.data_ptr(), out.data_ptr(), *sizes, np.float32(dmax))
-    return out, prep, masks
+                tokens.data_ptr(), masks.data_ptr(), out.data_ptr(), *sizes, np.float32(dmax))
+    return out, masks
 
 
 @render_forward.register_fake
 def _render_forward_fake(tokens, height, width, dmax, deterministic):
     batch, num, dim = tokens.shape
     return (tokens.new_empty(batch, dim - 5, height, width),
-            tokens.new_empty(batch, num, GEO_FLOATS + channel_padding(dim - 5), dtype=torch.float32),
             tokens.new_empty(_mask_shape(batch, num, height, width), dtype=torch.int32))
 
 
 @torch.library.custom_op("splat_cuda::render_backward", mutates_args=(), device_types="cuda")
-def render_backward(tokens: torch.Tensor, prep: torch.Tensor, masks: torch.Tensor, grad_out: torch.Tensor,
+def render_backward(tokens: torch.Tensor, masks: torch.Tensor, grad_out: torch.Tensor,
                     height: int, width: int, dmax: float, deterministic: bool) -> torch.Tensor:
     """dL/dtokens (B, N, 5 + C) from dL/dout (B, C, H, W), in the tokens' dtype."""
     _check_tokens(tokens)
@@ -120,33 +116,36 @@ def render_backward(tokens: torch.Tensor, prep: torch.Tensor, masks: torch.Tenso
             partial = torch.empty(batch, tiles, num, dim, dtype=torch.float32, device=tokens.device)
             grad = torch.empty(batch, num, dim, dtype=torch.float32, device=tokens.device)
             _launch(kernels.backward_deterministic, tokens.device, (tiles, batch), shmem,
-                    prep.data_ptr(), masks.data_ptr(), grad_out.data_ptr(), partial.data_ptr(), *sizes)
+                    tokens.data_ptr(), masks.data_ptr(), grad_out.data_ptr(), partial.data_ptr(), *sizes,
+                    np.float32(dmax))
             blocks = (batch * num + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
             _launch(kernels.reduce_tile_gradients, tokens.device, (blocks, 1), 0,
-                    prep.data_ptr(), masks.data_ptr(), partial.data_ptr(), grad.data_ptr(), np.int32(batch), *sizes)
+                    tokens.data_ptr(), masks.data_ptr(), partial.data_ptr(), grad.data_ptr(), np.int32(batch), *sizes,
+                    np.float32(dmax))
         else:
             grad = torch.zeros(batch, num, dim, dtype=torch.float32, device=tokens.device)
             _launch(kernels.backward, tokens.device, (tiles, batch), shmem,
-                    prep.data_ptr(), masks.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), *sizes)
+                    tokens.data_ptr(), masks.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), *sizes,
+                    np.float32(dmax))
     return grad.to(tokens.dtype)
 
 
 @render_backward.register_fake
-def _render_backward_fake(tokens, prep, masks, grad_out, height, width, dmax, deterministic):
+def _render_backward_fake(tokens, masks, grad_out, height, width, dmax, deterministic):
     return torch.empty_like(tokens)
 
 
 def _setup_context(ctx, inputs, output):
     tokens, height, width, dmax, deterministic = inputs
-    _, prep, masks = output
-    ctx.mark_non_differentiable(prep, masks)
-    ctx.save_for_backward(tokens, prep, masks)
+    _, masks = output
+    ctx.mark_non_differentiable(masks)
+    ctx.save_for_backward(tokens, masks)
     ctx.render_args = (height, width, dmax, deterministic)
 
 
-def _backward(ctx, grad_out, _grad_prep, _grad_masks):
-    tokens, prep, masks = ctx.saved_tensors
-    grad = render_backward(tokens, prep, masks, grad_out, *ctx.render_args)
+def _backward(ctx, grad_out, _grad_masks):
+    tokens, masks = ctx.saved_tensors
+    grad = render_backward(tokens, masks, grad_out, *ctx.render_args)
     return grad, None, None, None, None
 
 
@@ -156,5 +155,5 @@ render_forward.register_autograd(_backward, setup_context=_setup_context)
 def render_cuda(tokens: torch.Tensor, height: int, width: int, dmax: float = 3.0,
                 deterministic: bool = False) -> torch.Tensor:
     """Render CUDA tokens (B, N, 5 + C), C <= 64, fp32/bf16/fp16 -> (B, C, H, W) with the kernels."""
-    out, _, _ = render_forward(tokens.contiguous(), int(height), int(width), float(dmax), bool(deterministic))
+    out, _ = render_forward(tokens.contiguous(), int(height), int(width), float(dmax), bool(deterministic))
     return out

@@ -228,10 +228,10 @@ def test_dispatch_and_errors():
     with pytest.raises(ValueError, match="contiguous"):
         op.render_forward(view, 24, 24, 3.0, False)
     small = tokens[..., :9].contiguous()
-    _, prep, masks = op.render_forward(small, 6, 6, 3.0, False)
+    _, masks = op.render_forward(small, 6, 6, 3.0, False)
     with pytest.raises(ValueError, match="grad_out must be"):
-        op.render_backward(small, prep, masks, torch.zeros(2, 4, 5, 5, device="cuda"), 6, 6, 3.0, False)
+        op.render_backward(small, masks, torch.zeros(2, 4, 5, 5, device="cuda"), 6, 6, 3.0, False)
     with pytest.raises(ValueError, match="on cpu"):
-        op.render_backward(small, prep, masks, torch.zeros(2, 4, 6, 6), 6, 6, 3.0, False)
+        op.render_backward(small, masks, torch.zeros(2, 4, 6, 6), 6, 6, 3.0, False)
     with pytest.raises(ValueError, match="at most 8192 tokens"):
         op.render_forward(random_tokens(1, 8193, 4, seed=14), 16, 16, 3.0, False)

@@ -14,16 +14,14 @@
 //   hits (in token order, so sums are order-stable) into a shared list with their derived geometry and features;
 //   warp w owns an 8x4 pixel group, lane = pixel, channel accumulators in registers; a warp ballot skips the list
 //   entries whose box misses the group. It also writes what the backward needs: the tile's mask (one bit per
-//   token whose box touches the tile: the round's ballots, stored as they are) and, last, for a contiguous share
-//   of the tokens (tile t: tokens t S .. t S + S - 1, S = ceil(N / tiles)), each token's derived geometry
-//   (centre, box half-widths, 1/sigma, 1/(2(1-rho^2))) and float32 features as a `prep` row.
+//   token whose box touches the tile: the round's ballots, stored as they are).
 // `render_backward`: expands the tile's mask into the list of its tokens, stages the tile's dL/dout in shared
 //   memory; each half-warp takes one list entry at a time (the next one nobody has taken, from a shared counter,
 //   so that the work evens out) and walks only the pixels of the token's box inside the tile (16 lanes = 16
-//   pixels; the range's ends from an outward-biased estimate and the exact test), with the token's `prep` row
-//   copied into shared memory (cp.async) while the previous token is processed; per-lane partial sums are
-//   reduced across the half-warp once per (tile, token) and then either
-//   added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that
+//   pixels; the range's ends from an outward-biased estimate and the exact test), with the token (as float32)
+//   in shared memory, loaded while the previous token is processed, and its derived geometry computed as the
+//   forward computes it; per-lane partial sums are reduced across the half-warp once per (tile, token) and
+//   then either added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that
 //   `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
 //
 // Entry points are extern "C" (no name mangling), instantiated per (dtype, CPT) by the host (see the
@@ -38,8 +36,6 @@
 #define ROUND_SIZE(CPT) ((CPT) <= 32 ? 256 : 128)
 // The backward builds a tile's token list from at most THREADS mask words (one per thread), so N <= 32 * THREADS
 // tokens (splat_cuda.compiler.MAX_TOKENS; the host refuses more).
-// Floats of geometry at the start of a `prep` row (the Geo struct below).
-#define GEO_FLOATS 8
 // FORWARD_MIN_BLOCKS and BACKWARD_MIN_BLOCKS (blocks per SM the compiler must leave registers for:
 // more resident blocks hide more latency, fewer leave more registers) are defined by the host per
 // channel padding (splat_cuda/compiler.py).
@@ -96,20 +92,32 @@ __device__ __forceinline__ Box token_box(const T* tok, float dmax) {
     return Box{to_float(tok[3]), to_float(tok[4]), __fmul_rn(dmax, to_float(tok[0])), __fmul_rn(dmax, to_float(tok[1]))};
 }
 
+// 1 / x by the hardware approximation (relative error below 2^-22, subnormals kept): one instruction where a
+// division takes a dozen; the backward derives every token's geometry once per tile that lists it.
+__device__ __forceinline__ float fast_reciprocal(float x) {
+    float r;
+    asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+// From a token's sigma_x, sigma_y, rho, mu_x, mu_y (the forward and the backward compute it alike; the box
+// half-widths exactly as token_box does).
+__device__ __forceinline__ Geo make_geo(float sx, float sy, float rho, float mx, float my, float dmax) {
+    Geo g;
+    g.mx = mx;
+    g.my = my;
+    g.hx = __fmul_rn(dmax, sx);
+    g.hy = __fmul_rn(dmax, sy);
+    g.isx = fast_reciprocal(sx);
+    g.isy = fast_reciprocal(sy);
+    g.rho = rho;
+    g.hinv = 0.5f * fast_reciprocal((1.0f - rho) * (1.0f + rho));
+    return g;
+}
+
 template <typename T>
 __device__ __forceinline__ Geo make_geo(const T* tok, float dmax) {
-    const Box box = token_box(tok, dmax);
-    const float rho = to_float(tok[2]);
-    Geo g;
-    g.mx = box.mx;
-    g.my = box.my;
-    g.hx = box.hx;
-    g.hy = box.hy;
-    g.isx = 1.0f / to_float(tok[0]);
-    g.isy = 1.0f / to_float(tok[1]);
-    g.rho = rho;
-    g.hinv = 0.5f / ((1.0f - rho) * (1.0f + rho));
-    return g;
+    return make_geo(to_float(tok[0]), to_float(tok[1]), to_float(tok[2]), to_float(tok[3]), to_float(tok[4]), dmax);
 }
 
 // Spacing of the align-corners grid of an n-pixel axis (computed once per thread: a double
@@ -212,12 +220,13 @@ __device__ __forceinline__ void transpose_reduce(float (&v)[M], int lane) {
     }
 }
 
-// ---- the forward's by-products the backward reuses: tile masks and per-token `prep` rows ----
+// ---- the tiles a token's box may touch (deterministic mode) ----
 
 // Candidate tile range of a box (one tile of slack on each side; the tile masks decide). In double, so
 // that no rounding of large coordinates can push a touched tile out of the range.
 struct TileRange { int x0, x1, y0, y1; };
-__device__ __forceinline__ TileRange tile_range(const Geo& g, int H, int W) {
+template <typename G>  // Box or Geo
+__device__ __forceinline__ TileRange tile_range(const G& g, int H, int W) {
     const int tiles_x = (W + TILE - 1) / TILE, tiles_y = (H + TILE - 1) / TILE;
     const double sx = 0.5 * (W - 1) / TILE, sy = 0.5 * (H - 1) / TILE;
     const double fx0 = ((double)g.mx - (double)g.hx + 1.0) * sx, fx1 = ((double)g.mx + (double)g.hx + 1.0) * sx;
@@ -230,38 +239,23 @@ __device__ __forceinline__ TileRange tile_range(const Geo& g, int H, int W) {
     return r;
 }
 
-template <int CPT>
-__device__ __forceinline__ const float* prep_row(const float* prep, size_t token) {
-    return prep + token * (GEO_FLOATS + CPT);
-}
+// ---- asynchronous copies ----
 
-// The Geo of the first two float4s of a `prep` row.
-__device__ __forceinline__ Geo geo_from(float4 a, float4 b) {
-    Geo g;
-    g.mx = a.x; g.my = a.y; g.hx = a.z; g.hy = a.w;
-    g.isx = b.x; g.isy = b.y; g.rho = b.z; g.hinv = b.w;
-    return g;
-}
-
-// 16 bytes from global to shared memory without passing through registers, in flight until waited for
-// (cp.async on sm_80 and newer; a plain copy before).
-__device__ __forceinline__ void copy_16_async(float4* dst, const float4* src) {
+// 4 bytes from global to shared memory without passing through registers (cp.async on sm_80 and newer; a plain
+// copy before), or 4 zero bytes, reading nothing, when `valid` is false. In flight until wait_async_copies().
+__device__ __forceinline__ void copy_4_async(float* dst, const float* src, bool valid) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"((unsigned)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(valid ? 4 : 0)
                  : "memory");
 #else
-    *dst = __ldg(src);
+    *dst = valid ? __ldg(src) : 0.0f;
 #endif
 }
-__device__ __forceinline__ void commit_async_copies() {
+// Waits until this thread's asynchronous copies have landed.
+__device__ __forceinline__ void wait_async_copies() {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// Waits until at most one of this thread's committed groups of copies is still in flight.
-__device__ __forceinline__ void wait_async_copies_but_one() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
 }
 
@@ -343,28 +337,6 @@ __device__ __forceinline__ void copy_feature_rows(int rows, Load load, Store sto
     }
 }
 
-// ---- the forward's `prep` rows: each tile writes those of a contiguous share of the tokens ----
-// Tile t writes the rows of tokens [t S, t S + S), S = ceil(N / tiles): the derived geometry and the features
-// as float32, padded with zeros to CPT. Every token gets its row, whether or not its box touches the map.
-template <typename T, int CPT>
-__device__ __forceinline__ void write_prep_rows(const T* tok_b, float* prep_b, int N, int C, float dmax,
-                                                int num_tiles) {
-    const int D = 5 + C;
-    const int share = (N + num_tiles - 1) / num_tiles;
-    const int first = min((int)blockIdx.x * share, N), rows = min(first + share, N) - first;
-    const T* tok = tok_b + (size_t)first * D;
-    float* prep_rows = prep_b + (size_t)first * (GEO_FLOATS + CPT);
-    for (int r = (threadIdx.x & 31) * WARPS + (threadIdx.x >> 5); r < rows; r += THREADS) {  // row r: warp r % 8
-        const Geo gd = make_geo(tok + (size_t)r * D, dmax);
-        float4* row = reinterpret_cast<float4*>(prep_rows + (size_t)r * (GEO_FLOATS + CPT));
-        row[0] = make_float4(gd.mx, gd.my, gd.hx, gd.hy);
-        row[1] = make_float4(gd.isx, gd.isy, gd.rho, gd.hinv);
-    }
-    copy_feature_rows<CPT, 2>(
-        rows, [&](int r, int k) { return k < C ? to_float(tok[r * D + 5 + k]) : 0.0f; },
-        [&](int r, int k, float v) { prep_rows[r * (GEO_FLOATS + CPT) + GEO_FLOATS + k] = v; });
-}
-
 // ---- culling a round of tokens into the forward block's shared list ----
 // Tests tokens [base, base + ROUND) against the tile (box only: no division), stores the round's words of the
 // tile's mask, writes the hits in token order to idx_s, then their geometry to geo_s (one thread per hit) and
@@ -402,9 +374,8 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
 
 // ---- forward ----
 template <typename T, int CPT>
-__device__ __forceinline__ void forward(const T* __restrict__ tokens, float* __restrict__ prep,
-                                        unsigned* __restrict__ masks, T* __restrict__ out, int N, int C, int H, int W,
-                                        float dmax) {
+__device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* __restrict__ masks,
+                                        T* __restrict__ out, int N, int C, int H, int W, float dmax) {
     constexpr int ROUND = ROUND_SIZE(CPT);
     extern __shared__ float4 smem4[];
     Geo* geo_s = reinterpret_cast<Geo*>(smem4);
@@ -470,8 +441,6 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, float* __r
                 if (k < C) *o = from_float<T>(acc[k]);
         }
     }
-    // last, so that no warp waits for it: the backward's `prep` rows of this tile's share of the tokens
-    write_prep_rows<T, CPT>(tok_b, prep + (size_t)b * N * (GEO_FLOATS + CPT), N, C, dmax, num_tiles);
 }
 
 // ---- backward ----
@@ -533,17 +502,19 @@ __device__ __forceinline__ int dout_row(int ly, int lx) { return ly * TILE + ((l
 // grad: (B, N, 5 + C) fp32. Non-deterministic mode: pre-zeroed, atomically accumulated.
 // Deterministic mode: a (B, tiles, N, 5 + C) buffer; only the entries of listed tokens are written.
 template <typename T, int CPT, bool DETERMINISTIC>
-__device__ __forceinline__ void backward(const float* __restrict__ prep, const unsigned* __restrict__ masks,
+__device__ __forceinline__ void backward(const T* __restrict__ tokens, const unsigned* __restrict__ masks,
                                          const T* __restrict__ dout, float* __restrict__ grad, int N, int C,
-                                         int H, int W) {
+                                         int H, int W, float dmax) {
     constexpr int DSTRIDE = CPT + 4;  // padded row of the staged dL/dout: conflict-free float4 access
     extern __shared__ float4 smem4[];
     float* dout_s = reinterpret_cast<float*>(smem4);  // THREADS rows (tile pixel (ly, lx): row dout_row(ly, lx))
     __shared__ TileList tl;
     __shared__ float2 col_s[TILE], row_s[TILE];  // pixel centres of the tile's columns and rows
-    constexpr int ROW4 = (GEO_FLOATS + CPT) / 4;  // float4s in a `prep` row
-    __shared__ float4 prep_s[WARPS][2][2][ROW4];   // each half-warp's current and next token's `prep` row
-    __shared__ int next_item_s;                    // the first list entry no half-warp has taken yet
+    // Each half-warp's current token, as float32: value v of the token (sigma_x, sigma_y, rho, mu_x, mu_y, the
+    // features) at float TOKEN_START + v, so that the features start 16-byte aligned; zeros past them to CPT.
+    constexpr int TOKEN_START = 3, ROW4 = (TOKEN_START + 5 + CPT) / 4;
+    __shared__ float4 token_s[WARPS][2][2][ROW4];  // two slots: the current token and the next
+    __shared__ int next_item_s;  // the first list entry no half-warp has taken yet
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int half = lane / HALF_WARP, hl = lane % HALF_WARP;  // a warp works on two tokens, one per half
@@ -577,21 +548,43 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
                                   to_float(raw[4 * k4 + 3]));
     }
 
-    const float* prep_b = prep + (size_t)b * N * (GEO_FLOATS + CPT);
+    const T* tok_b = tokens + (size_t)b * N * D;
     // (count_tile_tokens' barriers also publish dout_s, col_s and row_s)
     const int total = count_tile_tokens(mask_word, tl);
     for (int start = 0; start < total; start += THREADS) {
         if (tid == 0) next_item_s = 2 * WARPS;  // the first 2 WARPS entries are dealt out below
         expand_tile_list(words, start, tl);
         const int count = min(THREADS, total - start);
-        // Each half-warp copies the `prep` row of its next token into shared memory while it works on the
-        // current one (two buffers; a group of copies is committed every iteration, empty at the end).
+        // Each half-warp fetches its next token while it works on the current one (lane l: values l, l + 16, ...):
+        // float32 tokens are copied into the other token_s slot asynchronously, 16-bit ones loaded into
+        // registers and stored into it, as float32, when their turn comes.
+        constexpr int VALUES_PER_LANE = (5 + CPT + HALF_WARP - 1) / HALF_WARP;
+        float next_values[VALUES_PER_LANE];  // (16-bit tokens)
         const auto fetch = [&](int j, int slot) {
-            if (j < count) {
-                const float4* src = reinterpret_cast<const float4*>(prep_row<CPT>(prep_b, tl.list_s[j]));
-                for (int q = hl; q < ROW4; q += HALF_WARP) copy_16_async(&prep_s[warp][half][slot][q], src + q);
+            const T* tok = tok_b + (size_t)(j < count ? tl.list_s[j] : 0) * D;
+            float* dst = reinterpret_cast<float*>(token_s[warp][half][slot]) + TOKEN_START;
+#pragma unroll
+            for (int u = 0; u < VALUES_PER_LANE; ++u) {
+                const int v = hl + u * HALF_WARP;
+                const bool valid = j < count && v < D;
+                if constexpr (sizeof(T) == 4) {
+                    const float* src = reinterpret_cast<const float*>(valid ? tok + v : tok);
+                    if (v < 5 + CPT) copy_4_async(dst + v, src, valid);
+                } else {
+                    next_values[u] = valid ? to_float(tok[v]) : 0.0f;
+                }
             }
-            commit_async_copies();
+        };
+        const auto land = [&](int slot) {  // the fetched token is in token_s[warp][half][slot] for every lane
+            if constexpr (sizeof(T) == 4) {
+                wait_async_copies();
+            } else {
+                float* dst = reinterpret_cast<float*>(token_s[warp][half][slot]) + TOKEN_START;
+#pragma unroll
+                for (int u = 0; u < VALUES_PER_LANE; ++u)
+                    if (hl + u * HALF_WARP < 5 + CPT) dst[hl + u * HALF_WARP] = next_values[u];
+            }
+            __syncwarp();
         };
         // Half-warp h starts with list entry h and then takes the next entry not yet taken, so that the ones
         // whose boxes cover few pixels take more entries. A warp loops while either half has an entry (the
@@ -602,12 +595,12 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
             const bool active = j < count;
             const int i = active ? tl.list_s[j] : 0;
             const int next = __shfl_sync(FULL_MASK, hl == 0 ? atomicAdd(&next_item_s, 1) : 0, half * HALF_WARP);
+            land(slot);
             fetch(next, slot ^ 1);
-            wait_async_copies_but_one();
-            __syncwarp();  // this token's row is in shared memory for every lane
-            const float4* row = prep_s[warp][half][slot];
-            const Geo gd = geo_from(row[0], row[1]);
-            const unsigned f_shared = (unsigned)__cvta_generic_to_shared(row + GEO_FLOATS / 4);  // the features
+            const float4* row = token_s[warp][half][slot];
+            const Geo gd = make_geo(reinterpret_cast<const float*>(row)[TOKEN_START], row[1].x, row[1].y, row[1].z,
+                                    row[1].w, dmax);  // (row[1]: sigma_y, rho, mu_x, mu_y)
+            const unsigned f_shared = (unsigned)__cvta_generic_to_shared(row + 2);  // the features
             float dfeat[CPT];
 #pragma unroll
             for (int k = 0; k < CPT; ++k) dfeat[k] = 0.0f;
@@ -681,7 +674,7 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
                     }
                 }
             }
-            __syncwarp();  // every lane is done with this row before the next iteration refills its buffer
+            __syncwarp();  // every lane is done with this token before the next iteration refills its slot
             j = next;
         }
         if (start + THREADS < total) __syncthreads();  // the next window overwrites the list
@@ -690,10 +683,10 @@ __device__ __forceinline__ void backward(const float* __restrict__ prep, const u
 
 // ---- deterministic mode: sum the per-tile partial gradients of each token in tile order ----
 // One warp per (image, token); the tiles that listed the token are those whose mask holds its bit.
-template <int CPT>
-__device__ __forceinline__ void reduce_tiles(const float* __restrict__ prep, const unsigned* __restrict__ masks,
+template <typename T>
+__device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const unsigned* __restrict__ masks,
                                              const float* __restrict__ partial, float* __restrict__ grad, int B,
-                                             int N, int C, int H, int W) {
+                                             int N, int C, int H, int W, float dmax) {
     const int lane = threadIdx.x & 31;
     const long long item = (long long)blockIdx.x * WARPS + (threadIdx.x >> 5);
     if (item >= (long long)B * N) return;
@@ -701,8 +694,7 @@ __device__ __forceinline__ void reduce_tiles(const float* __restrict__ prep, con
     const int D = 5 + C;
     const int tiles_x = (W + TILE - 1) / TILE, num_tiles = tiles_x * ((H + TILE - 1) / TILE);
     const int words = (N + 31) >> 5;
-    const float4* row = reinterpret_cast<const float4*>(prep_row<CPT>(prep, (size_t)item));
-    const TileRange r = tile_range(geo_from(__ldg(row), __ldg(row + 1)), H, W);
+    const TileRange r = tile_range(token_box(tokens + (size_t)item * D, dmax), H, W);
     for (int v0 = 0; v0 < D; v0 += 32) {
         const int v = v0 + lane;
         float sum = 0.0f;
@@ -721,22 +713,21 @@ __device__ __forceinline__ void reduce_tiles(const float* __restrict__ prep, con
 // program holds only the four kernels one (dtype, channel padding) pair needs.
 #define SPLAT_INSTANTIATE(T, CPT)                                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, FORWARD_MIN_BLOCKS)                            \
-        render_forward(const T* tokens, float* prep, unsigned* masks, T* out, int N, int C, int H, int W,    \
-                       float dmax) {                                                                   \
-        forward<T, CPT>(tokens, prep, masks, out, N, C, H, W, dmax);                                   \
+        render_forward(const T* tokens, unsigned* masks, T* out, int N, int C, int H, int W, float dmax) { \
+        forward<T, CPT>(tokens, masks, out, N, C, H, W, dmax);                                         \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS) render_backward(           \
-        const float* prep, const unsigned* masks, const T* dout, float* grad, int N, int C, int H,     \
-        int W) {                                                                                       \
-        backward<T, CPT, false>(prep, masks, dout, grad, N, C, H, W);                                  \
+        const T* tokens, const unsigned* masks, const T* dout, float* grad, int N, int C, int H, int W, \
+        float dmax) {                                                                                  \
+        backward<T, CPT, false>(tokens, masks, dout, grad, N, C, H, W, dmax);                          \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS)                           \
-        render_backward_deterministic(const float* prep, const unsigned* masks, const T* dout,         \
-                                      float* partial, int N, int C, int H, int W) {                    \
-        backward<T, CPT, true>(prep, masks, dout, partial, N, C, H, W);                                \
+        render_backward_deterministic(const T* tokens, const unsigned* masks, const T* dout,           \
+                                      float* partial, int N, int C, int H, int W, float dmax) {        \
+        backward<T, CPT, true>(tokens, masks, dout, partial, N, C, H, W, dmax);                        \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) reduce_tile_gradients(                       \
-        const float* prep, const unsigned* masks, const float* partial, float* grad, int B, int N,     \
-        int C, int H, int W) {                                                                         \
-        reduce_tiles<CPT>(prep, masks, partial, grad, B, N, C, H, W);                                  \
+        const T* tokens, const unsigned* masks, const float* partial, float* grad, int B, int N, int C, \
+        int H, int W, float dmax) {                                                                    \
+        reduce_tiles<T>(tokens, masks, partial, grad, B, N, C, H, W, dmax);                            \
     }
