@@ -242,20 +242,24 @@ __device__ __forceinline__ TileRange tile_range(const G& g, int H, int W) {
 // ---- asynchronous copies ----
 
 // 4 bytes from global to shared memory without passing through registers (cp.async on sm_80 and newer; a plain
-// copy before), or 4 zero bytes, reading nothing, when `valid` is false. In flight until wait_async_copies().
-__device__ __forceinline__ void copy_4_async(float* dst, const float* src, bool valid) {
+// copy before), in flight until waited for; a thread's copies are committed in groups, which complete in order.
+__device__ __forceinline__ void copy_4_async(float* dst, const float* src) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"((unsigned)__cvta_generic_to_shared(dst)),
-                 "l"(src), "r"(valid ? 4 : 0)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
                  : "memory");
 #else
-    *dst = valid ? __ldg(src) : 0.0f;
+    *dst = __ldg(src);
 #endif
 }
-// Waits until this thread's asynchronous copies have landed.
-__device__ __forceinline__ void wait_async_copies() {
+__device__ __forceinline__ void commit_async_copies() {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most one of this thread's committed groups of copies is still in flight.
+__device__ __forceinline__ void wait_async_copies_but_one() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
 #endif
 }
 
@@ -549,16 +553,20 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
     }
 
     const T* tok_b = tokens + (size_t)b * N * D;
-    // (count_tile_tokens' barriers also publish dout_s, col_s and row_s)
+    for (int q = tid; q < WARPS * 2 * 2 * ROW4; q += THREADS)
+        (&token_s[0][0][0][0])[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    // (count_tile_tokens' barriers also publish dout_s, col_s, row_s and token_s)
     const int total = count_tile_tokens(mask_word, tl);
     for (int start = 0; start < total; start += THREADS) {
         if (tid == 0) next_item_s = 2 * WARPS;  // the first 2 WARPS entries are dealt out below
         expand_tile_list(words, start, tl);
         const int count = min(THREADS, total - start);
         // Each half-warp fetches its next token while it works on the current one (lane l: values l, l + 16, ...):
-        // float32 tokens are copied into the other token_s slot asynchronously, 16-bit ones loaded into
-        // registers and stored into it, as float32, when their turn comes.
+        // float32 tokens are copied into the other token_s slot asynchronously (the padding past the token stays
+        // zero from the start), 16-bit ones loaded into registers and stored into it, as float32, when their turn
+        // comes.
         constexpr int VALUES_PER_LANE = (5 + CPT + HALF_WARP - 1) / HALF_WARP;
+        constexpr bool ASYNC = sizeof(T) == 4;
         float next_values[VALUES_PER_LANE];  // (16-bit tokens)
         const auto fetch = [&](int j, int slot) {
             const T* tok = tok_b + (size_t)(j < count ? tl.list_s[j] : 0) * D;
@@ -567,17 +575,19 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
             for (int u = 0; u < VALUES_PER_LANE; ++u) {
                 const int v = hl + u * HALF_WARP;
                 const bool valid = j < count && v < D;
-                if constexpr (sizeof(T) == 4) {
-                    const float* src = reinterpret_cast<const float*>(valid ? tok + v : tok);
-                    if (v < 5 + CPT) copy_4_async(dst + v, src, valid);
+                if constexpr (ASYNC) {
+                    if (valid) copy_4_async(dst + v, reinterpret_cast<const float*>(tok + v));
                 } else {
                     next_values[u] = valid ? to_float(tok[v]) : 0.0f;
                 }
             }
+            if constexpr (ASYNC) commit_async_copies();
         };
-        const auto land = [&](int slot) {  // the fetched token is in token_s[warp][half][slot] for every lane
-            if constexpr (sizeof(T) == 4) {
-                wait_async_copies();
+        // Makes the token fetched into `slot` visible to every lane; float32: all but the latest group of copies
+        // have landed (the next token's, fetched just before, stays in flight).
+        const auto land = [&](int slot) {
+            if constexpr (ASYNC) {
+                wait_async_copies_but_one();
             } else {
                 float* dst = reinterpret_cast<float*>(token_s[warp][half][slot]) + TOKEN_START;
 #pragma unroll
@@ -595,8 +605,13 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
             const bool active = j < count;
             const int i = active ? tl.list_s[j] : 0;
             const int next = __shfl_sync(FULL_MASK, hl == 0 ? atomicAdd(&next_item_s, 1) : 0, half * HALF_WARP);
-            land(slot);
-            fetch(next, slot ^ 1);
+            if constexpr (ASYNC) {
+                fetch(next, slot ^ 1);
+                land(slot);
+            } else {  // (the registers hold the current token until it is stored)
+                land(slot);
+                fetch(next, slot ^ 1);
+            }
             const float4* row = token_s[warp][half][slot];
             const Geo gd = make_geo(reinterpret_cast<const float*>(row)[TOKEN_START], row[1].x, row[1].y, row[1].z,
                                     row[1].w, dmax);  // (row[1]: sigma_y, rho, mu_x, mu_y)
