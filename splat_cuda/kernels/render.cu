@@ -87,9 +87,14 @@ struct __align__(16) Geo {  // one token's geometry, prepared once per block (32
 // A token's box: centre and half-widths dmax * sigma (no division: the culling tests need only this).
 struct Box { float mx, my, hx, hy; };
 
+// From sigma_x, sigma_y, mu_x, mu_y: the one rounding of the half-widths that every box test relies on.
+__device__ __forceinline__ Box make_box(float sx, float sy, float mx, float my, float dmax) {
+    return Box{mx, my, __fmul_rn(dmax, sx), __fmul_rn(dmax, sy)};
+}
+
 template <typename T>
 __device__ __forceinline__ Box token_box(const T* tok, float dmax) {
-    return Box{to_float(tok[3]), to_float(tok[4]), __fmul_rn(dmax, to_float(tok[0])), __fmul_rn(dmax, to_float(tok[1]))};
+    return make_box(to_float(tok[0]), to_float(tok[1]), to_float(tok[3]), to_float(tok[4]), dmax);
 }
 
 // 1 / x by the hardware approximation (relative error below 2^-22, subnormals kept): one instruction where a
@@ -100,14 +105,14 @@ __device__ __forceinline__ float fast_reciprocal(float x) {
     return r;
 }
 
-// From a token's sigma_x, sigma_y, rho, mu_x, mu_y (the forward and the backward compute it alike; the box
-// half-widths exactly as token_box does).
+// From a token's sigma_x, sigma_y, rho, mu_x, mu_y (the forward and the backward compute it alike).
 __device__ __forceinline__ Geo make_geo(float sx, float sy, float rho, float mx, float my, float dmax) {
+    const Box box = make_box(sx, sy, mx, my, dmax);
     Geo g;
-    g.mx = mx;
-    g.my = my;
-    g.hx = __fmul_rn(dmax, sx);
-    g.hy = __fmul_rn(dmax, sy);
+    g.mx = box.mx;
+    g.my = box.my;
+    g.hx = box.hx;
+    g.hy = box.hy;
     g.isx = fast_reciprocal(sx);
     g.isy = fast_reciprocal(sy);
     g.rho = rho;
@@ -225,8 +230,7 @@ __device__ __forceinline__ void transpose_reduce(float (&v)[M], int lane) {
 // Candidate tile range of a box (one tile of slack on each side; the tile masks decide). In double, so
 // that no rounding of large coordinates can push a touched tile out of the range.
 struct TileRange { int x0, x1, y0, y1; };
-template <typename G>  // Box or Geo
-__device__ __forceinline__ TileRange tile_range(const G& g, int H, int W) {
+__device__ __forceinline__ TileRange tile_range(const Box& g, int H, int W) {
     const int tiles_x = (W + TILE - 1) / TILE, tiles_y = (H + TILE - 1) / TILE;
     const double sx = 0.5 * (W - 1) / TILE, sy = 0.5 * (H - 1) / TILE;
     const double fx0 = ((double)g.mx - (double)g.hx + 1.0) * sx, fx1 = ((double)g.mx + (double)g.hx + 1.0) * sx;
