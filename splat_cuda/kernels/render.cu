@@ -620,6 +620,15 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
             const Geo gd = make_geo(reinterpret_cast<const float*>(row)[TOKEN_START], row[1].x, row[1].y, row[1].z,
                                     row[1].w, dmax);  // (row[1]: sigma_y, rho, mu_x, mu_y)
             const unsigned f_shared = (unsigned)__cvta_generic_to_shared(row + 2);  // the features
+            // Up to 16 channels the features stay in registers for the token's whole pixel walk; beyond, they are
+            // read from shared memory at every pixel (registers for 32 would leave room for 2 blocks per SM instead
+            // of 3, which measured slower: benchmarks/RESULTS.md).
+            constexpr bool FEATURES_IN_REGISTERS = CPT <= 16;
+            float4 features[FEATURES_IN_REGISTERS ? CPT / 4 : 1];
+            if constexpr (FEATURES_IN_REGISTERS) {
+#pragma unroll
+                for (int k4 = 0; k4 < CPT / 4; ++k4) features[k4] = row[2 + k4];
+            }
             float dfeat[CPT];
 #pragma unroll
             for (int k = 0; k < CPT; ++k) dfeat[k] = 0.0f;
@@ -640,7 +649,9 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
                     const unsigned f_address = opaque(f_shared);
 #pragma unroll
                     for (int k4 = 0; k4 < CPT / 4; ++k4) {
-                        const float4 dv = d4[k4], f = load_shared_volatile(f_address + 16 * k4);
+                        const float4 dv = d4[k4];
+                        const float4 f =
+                            FEATURES_IN_REGISTERS ? features[k4] : load_shared_volatile(f_address + 16 * k4);
                         dg_even = fmaf(dv.x, f.x, fmaf(dv.z, f.z, dg_even));
                         dg_odd = fmaf(dv.y, f.y, fmaf(dv.w, f.w, dg_odd));
                         dfeat[4 * k4 + 0] = fmaf(w.g, dv.x, dfeat[4 * k4 + 0]);
