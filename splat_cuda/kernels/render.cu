@@ -19,8 +19,8 @@
 //   memory; each half-warp takes one list entry at a time (the next one nobody has taken, from a shared counter,
 //   so that the work evens out) and walks only the pixels of the token's box inside the tile (16 lanes = 16
 //   pixels; the range's ends from an outward-biased estimate and the exact test), with the token (as float32)
-//   in shared memory, loaded while the previous token is processed, and its derived geometry computed as the
-//   forward computes it; per-lane partial sums are reduced across the half-warp once per (tile, token) and
+//   in shared memory, loaded while the previous token is processed (its features then in registers up to 16
+//   channels), and its derived geometry computed as the forward computes it; per-lane partial sums are reduced across the half-warp once per (tile, token) and
 //   then either added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that
 //   `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
 //
@@ -485,8 +485,8 @@ __device__ __forceinline__ int2 small_divmod(int a, int d) {
     return make_int2(q, a - q * d);
 }
 
-// A float4 of shared memory (at a shared-space address) by a load the compiler may not hoist out of a loop (it
-// would keep CPT features in registers and spill the gradient accumulators).
+// A float4 of shared memory (at a shared-space address) by a load the compiler may not hoist out of a loop (beyond
+// 16 channels it would keep CPT features in registers and spill the gradient accumulators).
 __device__ __forceinline__ float4 load_shared_volatile(unsigned address) {
     float4 v;
     asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(address));
