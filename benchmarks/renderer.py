@@ -3,8 +3,8 @@
 On a GPU: for each issue size, checks the CUDA kernels against the float64 PyTorch reference, then
 times every variant (forward, backward, forward+backward in fp32, deterministic, bf16) and the
 PyTorch reference on the same inputs. GPU time per call comes from CUDA events around replays of a
-CUDA graph that holds `--calls` calls over rotating input sets (so there are no launch gaps and the
-inputs are not all cache-resident); the median over `--reps` replays is reported, after warm-up.
+CUDA graph that holds `--calls` calls over rotating input sets (so there are no launch gaps, and enough sets
+that no call finds its inputs in L2); the median over `--reps` replays is reported, after warm-up.
 "eager" is the same on plain Python calls, host overhead included. Bandwidth counts the map written
 (forward) and dL/dout read (backward) once, plus the tokens and their gradient.
 
@@ -98,6 +98,14 @@ def eager_time_us(fn, inputs, calls, reps):
     return statistics.median(times)
 
 
+def input_sets(minimum, batch, num, channels, side):
+    """Rotating input sets: at least `minimum`, and enough that one pass over them (tokens, map, dL/dout) moves
+    twice the GPU's L2 cache, so that no call finds its inputs left in L2 by an earlier one."""
+    per_set = 4 * (batch * num * (5 + channels) + 2 * batch * channels * side * side)
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(minimum, -(-2 * l2_bytes // per_set))
+
+
 def run_gpu(args):
     from splat_cuda import op, render
 
@@ -105,8 +113,9 @@ def run_gpu(args):
     rows, checks = [], []
     cases = [GPU_CASES[i] for i in args.cases] if args.cases else GPU_CASES
     for name, batch, num, channels, side in cases:
-        sets = [make_tokens(batch, num, channels, seed, device) for seed in range(args.sets)]
-        gouts = [torch.randn(batch, channels, side, side, device=device) for _ in range(args.sets)]
+        num_sets = input_sets(args.sets, batch, num, channels, side)
+        sets = [make_tokens(batch, num, channels, seed, device) for seed in range(num_sets)]
+        gouts = [torch.randn(batch, channels, side, side, device=device) for _ in range(num_sets)]
 
         # correctness against the float64 reference, on the first input set
         tok = sets[0].clone().requires_grad_()
@@ -223,7 +232,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=50, help="calls per graph replay")
     parser.add_argument("--reps", type=int, default=40, help="timed replays (median)")
-    parser.add_argument("--sets", type=int, default=4, help="rotating input sets")
+    parser.add_argument("--sets", type=int, default=4,
+                        help="rotating input sets (at least; more where needed to exceed twice the L2 cache)")
     parser.add_argument("--cpu", action="store_true", help="time the CPU reference even if a GPU exists")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for --cpu")
     parser.add_argument("--cpu-reps", type=int, default=3)

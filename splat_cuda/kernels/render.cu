@@ -75,6 +75,20 @@ template <> __device__ __forceinline__ f16_t from_float<f16_t>(float v) {
     return r;
 }
 
+// A value read once (dL/dout): a streaming load, first in line for eviction from L1 and L2, so that it does not
+// push out what is read again (the tokens and masks, and whatever the caller works on next).
+__device__ __forceinline__ float load_once(const float* p) {
+    float v;
+    asm volatile("ld.global.cs.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+template <typename T16>
+__device__ __forceinline__ T16 load_once(const T16* p) {  // bf16_t, f16_t
+    T16 v;
+    asm volatile("ld.global.cs.u16 %0, [%1];" : "=h"(v.bits) : "l"(p));
+    return v;
+}
+
 // ---- geometry ----
 struct __align__(16) Geo {  // one token's geometry, prepared once per block (32 bytes)
     float mx, my;      // centre
@@ -543,11 +557,11 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
         T raw[CPT];  // every load in flight before the first conversion
         if (x < W && y < H && C == CPT) {  // (no test per channel)
 #pragma unroll
-            for (int k = 0; k < CPT; ++k, d += plane) raw[k] = *d;
+            for (int k = 0; k < CPT; ++k, d += plane) raw[k] = load_once(d);
         } else {
             const int channels = x < W && y < H ? C : 0;  // channels this thread reads
 #pragma unroll
-            for (int k = 0; k < CPT; ++k, d += plane) raw[k] = k < channels ? *d : T{};
+            for (int k = 0; k < CPT; ++k, d += plane) raw[k] = k < channels ? load_once(d) : T{};
         }
         float4* row = reinterpret_cast<float4*>(dout_s + dout_row(tid / TILE, tid % TILE) * DSTRIDE);
 #pragma unroll
