@@ -16,13 +16,14 @@
 //   entries whose box misses the group. It also writes what the backward needs: the tile's mask (one bit per
 //   token whose box touches the tile: the round's ballots, stored as they are).
 // `render_backward`: expands the tile's mask into the list of its tokens, stages the tile's dL/dout in shared
-//   memory; each half-warp takes one list entry at a time (the next one nobody has taken, from a shared counter,
+//   memory (by streaming loads: it is read once); each half-warp takes one list entry at a time (the next one nobody has taken, from a shared counter,
 //   so that the work evens out) and walks only the pixels of the token's box inside the tile (16 lanes = 16
 //   pixels; the range's ends from an outward-biased estimate and the exact test), with the token (as float32)
 //   in shared memory, loaded while the previous token is processed (its features then in registers up to 16
-//   channels), and its derived geometry computed as the forward computes it; per-lane partial sums are reduced across the half-warp once per (tile, token) and
-//   then either added atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that
-//   `reduce_tile_gradients` sums in a fixed tile order (the tiles come from the masks).
+//   channels), and its derived geometry computed as the forward computes it; per-lane partial sums are reduced
+//   across the half-warp once per (tile, token) and then either added atomically to dL/dtokens or, in
+//   deterministic mode, stored in a per-tile buffer that `reduce_tile_gradients` sums in a fixed tile order (the
+//   tiles come from the masks).
 //
 // Entry points are extern "C" (no name mangling), instantiated per (dtype, CPT) by the host (see the
 // end of this file). CPT is the channel count padded to 4, 8, 16, 32 or 64.
