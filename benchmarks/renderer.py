@@ -102,7 +102,7 @@ def input_sets(minimum, batch, num, channels, side):
     """Rotating input sets: at least `minimum`, and enough that one pass over them (tokens, map, dL/dout) moves
     twice the GPU's L2 cache, so that no call finds its inputs left in L2 by an earlier one."""
     per_set = 4 * (batch * num * (5 + channels) + 2 * batch * channels * side * side)
-    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     return max(minimum, -(-2 * l2_bytes // per_set))
 
 

@@ -16,14 +16,14 @@
 //   entries whose box misses the group. It also writes what the backward needs: the tile's mask (one bit per
 //   token whose box touches the tile: the round's ballots, stored as they are).
 // `render_backward`: expands the tile's mask into the list of its tokens, stages the tile's dL/dout in shared
-//   memory (by streaming loads: it is read once); each half-warp takes one list entry at a time (the next one nobody has taken, from a shared counter,
-//   so that the work evens out) and walks only the pixels of the token's box inside the tile (16 lanes = 16
-//   pixels; the range's ends from an outward-biased estimate and the exact test), with the token (as float32)
-//   in shared memory, loaded while the previous token is processed (its features then in registers up to 16
-//   channels), and its derived geometry computed as the forward computes it; per-lane partial sums are reduced
-//   across the half-warp once per (tile, token) and then either added atomically to dL/dtokens or, in
-//   deterministic mode, stored in a per-tile buffer that `reduce_tile_gradients` sums in a fixed tile order (the
-//   tiles come from the masks).
+//   memory (by streaming loads: it is read once); each half-warp takes one list entry at a time (the next one
+//   nobody has taken, from a shared counter, so that the work evens out) and walks only the pixels of the token's
+//   box inside the tile (16 lanes = 16 pixels; the range's ends from an outward-biased estimate and the exact
+//   test), with the token (as float32) in shared memory, loaded while the previous token is processed (its
+//   features then in registers up to 16 channels), and its derived geometry computed as the forward computes it;
+//   per-lane partial sums are reduced across the half-warp once per (tile, token) and then either added
+//   atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that `reduce_tile_gradients`
+//   sums in a fixed tile order (the tiles come from the masks).
 //
 // Entry points are extern "C" (no name mangling), instantiated per (dtype, CPT) by the host (see the
 // end of this file). CPT is the channel count padded to 4, 8, 16, 32 or 64.
@@ -351,7 +351,8 @@ __device__ __forceinline__ void copy_feature_rows(int rows, Load load, Store sto
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
-            for (int e = 0; e < PER_LANE; ++e) v[u][e] = r0 + u * STEP < rows ? load(r0 + u * STEP, k0 + e * LANES) : 0.0f;
+            for (int e = 0; e < PER_LANE; ++e)
+                v[u][e] = r0 + u * STEP < rows ? load(r0 + u * STEP, k0 + e * LANES) : 0.0f;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
@@ -504,7 +505,9 @@ __device__ __forceinline__ int2 small_divmod(int a, int d) {
 // 16 channels it would keep CPT features in registers and spill the gradient accumulators).
 __device__ __forceinline__ float4 load_shared_volatile(unsigned address) {
     float4 v;
-    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(address));
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(address));
     return v;
 }
 
@@ -699,7 +702,8 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
                 const int comp = hl >> 1;
                 if ((hl & 1) == 0 && comp < 5) {
                     const float inv_s = 2.0f * gd.hinv;  // 1 / (1 - rho^2)
-                    const float scale = comp == 2 ? inv_s * inv_s : inv_s * ((comp == 0 || comp == 3) ? gd.isx : gd.isy);
+                    const float scale =
+                        comp == 2 ? inv_s * inv_s : inv_s * ((comp == 0 || comp == 3) ? gd.isx : gd.isy);
                     const float val = scale * dgeo[0];
                     if (DETERMINISTIC) g_out[comp] = val; else atomicAdd(g_out + comp, val);
                 }
