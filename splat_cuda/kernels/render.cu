@@ -17,10 +17,11 @@
 //   token whose box touches the tile: the round's ballots, stored as they are).
 // `render_backward`: expands the tile's mask into the list of its tokens, stages the tile's dL/dout in shared
 //   memory (by streaming loads: it is read once); each half-warp takes one list entry at a time (the next one
-//   nobody has taken, from a shared counter, so that the work evens out) and walks only the pixels of the token's
-//   box inside the tile (16 lanes = 16 pixels; the range's ends from an outward-biased estimate and the exact
-//   test), with the token (as float32) in shared memory, loaded while the previous token is processed (its
-//   features then in registers up to 16 channels), and its derived geometry computed as the forward computes it;
+//   nobody has taken, from a shared counter, so that the work evens out) and walks the pixels of the token's box
+//   inside the tile (16 lanes = 16 pixels; the range estimated with an outward margin, so that at most one pixel
+//   per end lies outside the box, where the weight is 0), with the token (as float32) in shared memory, loaded
+//   while the previous token is processed (its features then in registers up to 16 channels), and its derived
+//   geometry computed as the forward computes it;
 //   per-lane partial sums are reduced across the half-warp once per (tile, token) and then either added
 //   atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that `reduce_tile_gradients`
 //   sums in a fixed tile order (the tiles come from the masks).
@@ -112,11 +113,12 @@ __device__ __forceinline__ Box token_box(const T* tok, float dmax) {
     return make_box(to_float(tok[0]), to_float(tok[1]), to_float(tok[3]), to_float(tok[4]), dmax);
 }
 
-// 1 / x by the hardware approximation (relative error below 2^-22, subnormals kept): one instruction where a
-// division takes a dozen; the backward derives every token's geometry once per tile that lists it.
+// 1 / x by the hardware approximation (relative error below 2^-22): one instruction where a division takes a
+// dozen; the backward derives every token's geometry once per tile that lists it. Subnormal x and 1 / x flush to
+// zero: the results differ from the unflushed ones only where x or 1 / x is subnormal (|x| < 2^-126 or > 2^126).
 __device__ __forceinline__ float fast_reciprocal(float x) {
     float r;
-    asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
 }
 
@@ -211,8 +213,10 @@ __device__ __forceinline__ Weight pixel_weight(const Geo& gd, float2 px, float2 
     w.e = fmaf(-gd.rho, w.uy, w.ux);
     w.ep = fmaf(-gd.rho, w.ux, w.uy);
     const float q = fmaf(w.e * w.e, gd.hinv, 0.5f * w.uy * w.uy);
-    const bool inside = fabsf(dx) <= gd.hx && fabsf(dy) <= gd.hy;
-    w.g = inside ? exp_neg(q) : 0.0f;
+    // (computed for every pixel and then selected: no branch; `&` instead of `&&` for the same reason)
+    const bool inside = (fabsf(dx) <= gd.hx) & (fabsf(dy) <= gd.hy);
+    const float g = exp_neg(q);
+    w.g = inside ? g : 0.0f;
     return w;
 }
 
@@ -469,26 +473,17 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* 
 
 // ---- backward ----
 
-// The pixels [lo, hi] of one axis (n pixels, tile starting at t0) whose centres pass the box test of
-// pixel_weight, |(c.x - m) + c.y| <= h (an interval), clamped to the tile and the map, so that the backward
-// walks no pixel outside the box. Each end is estimated in pixel units, pushed outwards by more than the
-// estimate's rounding and the test's (together under 2^-21 (2 + |m| + h) map units), and clamped to the tile;
-// the exact end is then the estimate or inward of it, found by the exact test on the staged centres coord_s
-// (usually one test per end). NaN: the estimates span the tile, and every test fails (an empty range).
-__device__ __forceinline__ int2 box_pixels(float m, float h, int n, int t0, const float2* coord_s) {
+// The pixels [lo, hi] of one axis (n pixels, tile starting at t0) that may pass the box test of pixel_weight,
+// |(c.x - m) + c.y| <= h, clamped to the tile and the map: each end estimated in pixel units and pushed outwards by
+// more than the estimate's rounding and the test's (together under 2^-21 (2 + |m| + h) map units). The range holds
+// every pixel of the box; a pixel in it that fails the exact test (at most one per end, and rarely any) gets weight
+// 0 from pixel_weight and adds exact zeros. NaN: the range spans the tile and every weight is 0.
+__device__ __forceinline__ int2 box_pixels(float m, float h, int n, int t0) {
     const float scale = 0.5f * (float)(n - 1);
     const int last = min(t0 + TILE, n) - 1;
-    const auto inside = [&](int j) {  // t0 <= j <= last
-        const float2 c = coord_s[j - t0];
-        return fabsf((c.x - m) + c.y) <= h;
-    };
     const float slack = fmaf(1e-6f * scale, 2.0f + fabsf(m) + h, 1e-4f);  // pixels
-    const int lo_est = (int)fminf(fmaxf(ceilf(fmaf(m - h + 1.0f, scale, -slack)), (float)t0), (float)last);
-    const int hi_est = (int)fmaxf(fminf(floorf(fmaf(m + h + 1.0f, scale, slack)), (float)last), (float)t0);
-    int lo = lo_est;
-    while (lo <= hi_est && !inside(lo)) ++lo;
-    int hi = hi_est;
-    while (hi >= lo && !inside(hi)) --hi;
+    const int lo = (int)fminf(fmaxf(ceilf(fmaf(m - h + 1.0f, scale, -slack)), (float)t0), (float)last);
+    const int hi = (int)fmaxf(fminf(floorf(fmaf(m + h + 1.0f, scale, slack)), (float)last), (float)t0);
     return make_int2(lo, hi);
 }
 
@@ -591,16 +586,16 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
         constexpr bool ASYNC = sizeof(T) == 4;
         float next_values[VALUES_PER_LANE];  // (16-bit tokens)
         const auto fetch = [&](int j, int slot) {
-            const T* tok = tok_b + (size_t)(j < count ? tl.list_s[j] : 0) * D;
-            float* dst = reinterpret_cast<float*>(token_s[warp][half][slot]) + TOKEN_START;
+            // lane hl: values hl + 16 u of the token (a 32-bit offset within the image: N D < 2^31)
+            const T* src = tok_b + ((unsigned)(j < count ? tl.list_s[j] : 0) * (unsigned)D + (unsigned)hl);
+            float* dst = reinterpret_cast<float*>(token_s[warp][half][slot]) + TOKEN_START + hl;
 #pragma unroll
             for (int u = 0; u < VALUES_PER_LANE; ++u) {
-                const int v = hl + u * HALF_WARP;
-                const bool valid = j < count && v < D;
+                const bool valid = j < count && hl + u * HALF_WARP < D;
                 if constexpr (ASYNC) {
-                    if (valid) copy_4_async(dst + v, reinterpret_cast<const float*>(tok + v));
+                    if (valid) copy_4_async(dst + u * HALF_WARP, reinterpret_cast<const float*>(src + u * HALF_WARP));
                 } else {
-                    next_values[u] = valid ? to_float(tok[v]) : 0.0f;
+                    next_values[u] = valid ? to_float(src[u * HALF_WARP]) : 0.0f;
                 }
             }
             if constexpr (ASYNC) commit_async_copies();
@@ -653,7 +648,7 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
             // per-lane sums, in token component order: sigma_x, sigma_y, rho, mu_x, mu_y (3 pad)
             float dgeo[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
             // The half-warp's lanes walk the box's pixels in the tile, row-major, 16 at a time.
-            const int2 xs = box_pixels(gd.mx, gd.hx, W, tx0, col_s), ys = box_pixels(gd.my, gd.hy, H, ty0, row_s);
+            const int2 xs = box_pixels(gd.mx, gd.hx, W, tx0), ys = box_pixels(gd.my, gd.hy, H, ty0);
             const int rw = active ? xs.y - xs.x + 1 : 0, rh = ys.y - ys.x + 1;
             if (rw > 0 && rh > 0) {
                 const int2 jump = small_divmod(HALF_WARP, rw), start_q = small_divmod(hl, rw);
