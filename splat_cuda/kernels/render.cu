@@ -137,11 +137,6 @@ __device__ __forceinline__ Geo make_geo(float sx, float sy, float rho, float mx,
     return g;
 }
 
-template <typename T>
-__device__ __forceinline__ Geo make_geo(const T* tok, float dmax) {
-    return make_geo(to_float(tok[0]), to_float(tok[1]), to_float(tok[2]), to_float(tok[3]), to_float(tok[4]), dmax);
-}
-
 // Spacing of the align-corners grid of an n-pixel axis (computed once per thread: a double
 // division is expensive).
 __device__ __forceinline__ double grid_step(int n) { return 2.0 / (double)(n - 1); }
@@ -367,8 +362,8 @@ __device__ __forceinline__ void copy_feature_rows(int rows, Load load, Store sto
 
 // ---- culling a round of tokens into the forward block's shared list ----
 // Tests tokens [base, base + ROUND) against the tile (box only: no division), stores the round's words of the
-// tile's mask, writes the hits in token order to idx_s, then their geometry to geo_s (one thread per hit) and
-// their features (padded to CPT with zeros) to feat_s. Returns the list length.
+// tile's mask, writes the hits in token order to idx_s and their geometry to geo_s (each by the thread that tested
+// it), then their features (padded to CPT with zeros) to feat_s. Returns the list length.
 template <typename T, int CPT, int ROUND>
 __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C, float dmax, const Rect& tile,
                                           unsigned* mask_tile, Geo* geo_s, int* idx_s, float* feat_s,
@@ -376,7 +371,12 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int D = 5 + C;
     const int i = base + tid;
-    const bool hit = i < min(base + ROUND, N) && box_touches(token_box(tok_b + (size_t)i * D, dmax), tile);
+    const bool listed = i < min(base + ROUND, N);
+    float geo_values[5];  // sigma_x, sigma_y, rho, mu_x, mu_y
+#pragma unroll
+    for (int v = 0; v < 5; ++v) geo_values[v] = listed ? to_float(tok_b[(size_t)i * D + v]) : 0.0f;
+    const bool hit = listed && box_touches(make_box(geo_values[0], geo_values[1], geo_values[3], geo_values[4],
+                                                    dmax), tile);
     const unsigned mask = __ballot_sync(FULL_MASK, hit);
     if (lane == 0) {
         warp_count[warp] = __popc(mask);
@@ -390,9 +390,12 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
         offset += (w < warp) ? c : 0;
         total += c;
     }
-    if (hit) idx_s[offset + __popc(mask & ((1u << lane) - 1u))] = i;
+    if (hit) {
+        const int slot = offset + __popc(mask & ((1u << lane) - 1u));
+        idx_s[slot] = i;
+        geo_s[slot] = make_geo(geo_values[0], geo_values[1], geo_values[2], geo_values[3], geo_values[4], dmax);
+    }
     __syncthreads();
-    if (tid < total) geo_s[tid] = make_geo(tok_b + (size_t)idx_s[tid] * D, dmax);  // total <= ROUND <= THREADS
     copy_feature_rows<CPT, 4>(
         total, [&](int r, int k) { return k < C ? to_float(tok_b[(size_t)idx_s[r] * D + 5 + k]) : 0.0f; },
         [&](int r, int k, float v) { feat_s[r * CPT + k] = v; });
@@ -570,6 +573,8 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
     }
 
     const T* tok_b = tokens + (size_t)b * N * D;
+    // dL/dtokens of this image, or this tile's partial sums (deterministic mode): N rows of D
+    float* grad_rows = grad + (DETERMINISTIC ? ((size_t)b * num_tiles + blockIdx.x) : (size_t)b) * N * D;
     for (int q = tid; q < WARPS * 2 * 2 * ROW4; q += THREADS)
         (&token_s[0][0][0][0])[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     // (count_tile_tokens' barriers also publish dout_s, col_s, row_s and token_s)
@@ -691,8 +696,8 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
             transpose_reduce<8, HALF_WARP / 2>(dgeo, lane);
 
             if (active) {
-                float* g_out = DETERMINISTIC ? grad + (((size_t)b * num_tiles + blockIdx.x) * N + i) * D
-                                             : grad + ((size_t)b * N + i) * D;
+                // the token's row of dL/dtokens (or of this tile's partial sums), by 32-bit offsets from grad_rows
+                const unsigned row = (unsigned)i * (unsigned)D;
                 // geometry: lane hl holds component hl / 2; scale by the chain-rule factors of the token
                 const int comp = hl >> 1;
                 if ((hl & 1) == 0 && comp < 5) {
@@ -700,21 +705,18 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
                     const float scale =
                         comp == 2 ? inv_s * inv_s : inv_s * ((comp == 0 || comp == 3) ? gd.isx : gd.isy);
                     const float val = scale * dgeo[0];
-                    if (DETERMINISTIC) g_out[comp] = val; else atomicAdd(g_out + comp, val);
+                    float* out = grad_rows + (row + (unsigned)comp);
+                    if (DETERMINISTIC) *out = val; else atomicAdd(out, val);
                 }
                 // features: lane hl holds channels (CPT / 16) hl + u, or channel hl / (16 / CPT) for CPT < 16
-                if constexpr (CPT >= HALF_WARP) {
+                constexpr int LANE_CHANNELS = CPT >= HALF_WARP ? CPT / HALF_WARP : 1;
+                const int k0 = CPT >= HALF_WARP ? LANE_CHANNELS * hl : hl / (HALF_WARP / CPT);
+                const bool holder = CPT >= HALF_WARP || hl % (HALF_WARP / CPT) == 0;
+                float* out = grad_rows + (row + 5u + (unsigned)k0);
 #pragma unroll
-                    for (int u = 0; u < CPT / HALF_WARP; ++u) {
-                        const int k = (CPT / HALF_WARP) * hl + u;
-                        if (k < C) {
-                            if (DETERMINISTIC) g_out[5 + k] = dfeat[u]; else atomicAdd(g_out + 5 + k, dfeat[u]);
-                        }
-                    }
-                } else {
-                    const int k = hl / (HALF_WARP / CPT);
-                    if (hl % (HALF_WARP / CPT) == 0 && k < C) {
-                        if (DETERMINISTIC) g_out[5 + k] = dfeat[0]; else atomicAdd(g_out + 5 + k, dfeat[0]);
+                for (int u = 0; u < LANE_CHANNELS; ++u) {
+                    if (holder && k0 + u < C) {
+                        if (DETERMINISTIC) out[u] = dfeat[u]; else atomicAdd(out + u, dfeat[u]);
                     }
                 }
             }
