@@ -710,8 +710,9 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
                 }
                 // features: lane hl holds channels (CPT / 16) hl + u, or channel hl / (16 / CPT) for CPT < 16
                 constexpr int LANE_CHANNELS = CPT >= HALF_WARP ? CPT / HALF_WARP : 1;
-                const int k0 = CPT >= HALF_WARP ? LANE_CHANNELS * hl : hl / (HALF_WARP / CPT);
-                const bool holder = CPT >= HALF_WARP || hl % (HALF_WARP / CPT) == 0;
+                constexpr int CHANNEL_LANES = CPT >= HALF_WARP ? 1 : HALF_WARP / CPT;
+                const int k0 = LANE_CHANNELS * hl / CHANNEL_LANES;
+                const bool holder = hl % CHANNEL_LANES == 0;
                 float* out = grad_rows + (row + 5u + (unsigned)k0);
 #pragma unroll
                 for (int u = 0; u < LANE_CHANNELS; ++u) {
