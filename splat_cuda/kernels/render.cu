@@ -92,7 +92,7 @@ __device__ __forceinline__ T16 load_once(const T16* p) {  // bf16_t, f16_t
 }
 
 // ---- geometry ----
-struct __align__(16) Geo {  // one token's geometry, prepared once per block (32 bytes)
+struct __align__(16) Geo {  // one token's derived geometry (32 bytes)
     float mx, my;      // centre
     float hx, hy;      // box half-widths dmax * sigma
     float isx, isy;    // 1 / sigma
