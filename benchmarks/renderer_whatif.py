@@ -1,0 +1,113 @@
+"""Where the renderer kernels' time goes: time builds of `render.cu` with one part removed (wrong results, timing only).
+
+    python3 benchmarks/renderer_whatif.py [--variants base forward-no-hit-loop ...] [--cases 0] [--markdown FILE]
+
+Each variant is the committed kernel source with the textual edits listed in VARIANTS (each edit must match the
+source exactly once, so that a change to the kernels makes this script fail instead of timing something else). The
+package and `benchmarks/renderer.py` are copied into a temporary folder, the edits applied there, and the copy's
+`renderer.py --quick` timed in a child process with its own kernel cache. The difference between a variant and
+`base` in the same run bounds what any speed-up of the removed part can give.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# variant name -> (what it removes, [(old text, new text), ...])
+VARIANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "base": ("nothing", []),
+    "forward-no-hit-loop": (
+        "the forward's per-pixel loop over the group's hits",
+        [("        if (group_in_map) {\n            for (int wb", "        if (false) {\n            for (int wb")],
+    ),
+    "forward-weights-only": (
+        "the forward's feature reads and multiply-adds (the weights are still computed and summed)",
+        [("#pragma unroll\n                    for (int k4 = 0; k4 < CPT / 4; ++k4) {\n                        const float4 f = f4[k4];",
+          "acc[0] += g;\n                    for (int k4 = 0; k4 < 0; ++k4) {\n                        const float4 f = f4[k4];")],
+    ),
+    "forward-no-weights": (
+        "the forward's pixel weights (a shared value in their place)",
+        [("const float g = pixel_weight(geo_s[jj], px, py).g;", "const float g = geo_s[jj].hinv;")],
+    ),
+    "forward-no-feature-copy": (
+        "the forward's copy of the hits' features into shared memory",
+        [("    copy_feature_rows<CPT, 4>(\n        total,", "    if (false) copy_feature_rows<CPT, 4>(\n        total,")],
+    ),
+    "forward-no-stores": (
+        "the forward's map stores (kept only under a condition that never holds)",
+        [("    if (x < W && y < H) {\n        const size_t plane", "    if (x < W && y < H && acc[0] == 1234.5f) {\n        const size_t plane")],
+    ),
+    "backward-no-pixel-loop": (
+        "the backward's walk over each token's pixels",
+        [("            if (rw > 0 && rh > 0) {", "            if (false) {")],
+    ),
+}
+
+
+def patched_copy(edits: list[tuple[str, str]], folder: Path) -> Path:
+    """Copy the package and the benchmark into `folder` and apply `edits` to the copy's kernel source."""
+    shutil.copytree(ROOT / "splat_cuda", folder / "splat_cuda", ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "benchmarks").mkdir()
+    shutil.copy2(ROOT / "benchmarks" / "renderer.py", folder / "benchmarks" / "renderer.py")
+    kernel = folder / "splat_cuda" / "kernels" / "render.cu"
+    source = kernel.read_text()
+    for old, new in edits:
+        count = source.count(old)
+        if count != 1:
+            raise ValueError(f"edit does not match the kernel source exactly once ({count} matches): {old!r}")
+        source = source.replace(old, new)
+    kernel.write_text(source)
+    return folder / "benchmarks" / "renderer.py"
+
+
+def time_variant(name: str, cases: list[int], reps: int) -> dict[tuple[str, str], str]:
+    """{(case, variant label): GPU us/call} from the patched copy's quick benchmark."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = patched_copy(VARIANTS[name][1], Path(tmp) / "pkg")
+        table = Path(tmp) / "table.md"
+        command = [sys.executable, str(script), "--quick", "--reps", str(reps), "--markdown", str(table),
+                   "--cases", *map(str, cases)]
+        env = dict(os.environ, SPLAT_CUDA_CACHE=str(Path(tmp) / "cache"))
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        times = {}
+        for row in table.read_text().splitlines():
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            if len(cells) == 6 and cells[1].startswith("cuda "):
+                times[(cells[0], cells[1])] = cells[2]
+        return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--cases", type=int, nargs="+", default=[0], help="benchmarks/renderer.py case indices")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=1, help="time every variant this many times, interleaved")
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    results: dict[str, list[dict]] = {name: [] for name in args.variants}
+    for _ in range(args.repeat):
+        for name in args.variants:
+            results[name].append(time_variant(name, args.cases, args.reps))
+            print(f"{name}: {results[name][-1]}", flush=True)
+    labels = sorted({key for runs in results.values() for run in runs for key in run})
+    lines = ["| variant (removes) | " + " | ".join(f"{case}: {label}" for case, label in labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    for name, runs in results.items():
+        cells = [" / ".join(run.get(key, "-") for run in runs) for key in labels]
+        lines.append(f"| {name} ({VARIANTS[name][0]}) | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
