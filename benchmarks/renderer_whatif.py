@@ -44,6 +44,25 @@ VARIANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         "the forward's map stores (kept only under a condition that never holds)",
         [("    if (x < W && y < H) {\n        const size_t plane", "    if (x < W && y < H && acc[0] == 1234.5f) {\n        const size_t plane")],
     ),
+    "forward-stores-one-line": (
+        "the forward's scatter of each store over 4 map rows (each warp store writes 128 contiguous bytes instead, to "
+        "the wrong pixels)",
+        [("        T* o = out + (size_t)b * C * plane + (size_t)y * W + x;",
+          "        T* o = out + (size_t)b * C * plane + (size_t)blockIdx.x * THREADS + threadIdx.x;")],
+    ),
+    "forward-stores-float4": (
+        "the forward's one-value stores (each lane stores its values 4 at a time, 512 contiguous bytes per warp "
+        "store, to the wrong pixels; fp32 only)",
+        [("        T* o = out + (size_t)b * C * plane + (size_t)y * W + x;\n        if (C == CPT) {",
+          "        T* o = out + (size_t)b * C * plane + (size_t)y * W + x;\n"
+          "        if (sizeof(T) == 4 && C == CPT) {\n"
+          "            float4* o4 = reinterpret_cast<float4*>(out + (size_t)b * C * plane + (size_t)blockIdx.x * THREADS * CPT)"
+          " + warp * 32 * (CPT / 4) + lane;\n"
+          "#pragma unroll\n"
+          "            for (int k4 = 0; k4 < CPT / 4; ++k4) o4[32 * k4] = make_float4(acc[4 * k4], acc[4 * k4 + 1], "
+          "acc[4 * k4 + 2], acc[4 * k4 + 3]);\n"
+          "        } else if (C == CPT) {")],
+    ),
     "backward-no-pixel-loop": (
         "the backward's walk over each token's pixels",
         [("            if (rw > 0 && rh > 0) {", "            if (false) {")],
