@@ -20,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the forward's choice of the staged stores (16-bit maps)
+STAGED_STORES = "if (sizeof(T) == 2 && tx0 + TILE"
+
 # variant name -> (what it removes, [(old text, new text), ...])
 VARIANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "base": ("nothing", []),
@@ -42,12 +45,14 @@ VARIANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     ),
     "forward-no-stores": (
         "the forward's map stores (kept only under a condition that never holds)",
-        [("    if (x < W && y < H) {\n        const size_t plane", "    if (x < W && y < H && acc[0] == 1234.5f) {\n        const size_t plane")],
+        [(STAGED_STORES, "if (false && sizeof(T) == 2"),
+         ("    } else if (x < W && y < H) {", "    } else if (x < W && y < H && acc[0] == 1234.5f) {")],
     ),
     "forward-stores-one-line": (
         "the forward's scatter of each store over 4 map rows (each warp store writes 128 contiguous bytes instead, to "
-        "the wrong pixels)",
-        [("        T* o = out + (size_t)b * C * plane + (size_t)y * W + x;",
+        "the wrong pixels; 16-bit maps stored from registers too)",
+        [(STAGED_STORES, "if (false && sizeof(T) == 2"),
+         ("        T* o = out + (size_t)b * C * plane + (size_t)y * W + x;",
           "        T* o = out + (size_t)b * C * plane + (size_t)blockIdx.x * THREADS + threadIdx.x;")],
     ),
     "forward-stores-float4": (

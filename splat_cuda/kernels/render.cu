@@ -403,6 +403,49 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
     return total;
 }
 
+// ---- the forward's map stores of 16-bit values, four pixels per lane ----
+// A tile's values are staged in shared memory, channel by channel, in tile rows of 16 floats (the halves of rows 2
+// and 3 mod 4 swapped, so that a warp's 8x4 group writes one channel's 32 values to 32 distinct banks), and then
+// stored four pixels per lane: each warp store writes 8 tile rows of 16 contiguous pixels, where a store from the
+// pixel loop's registers writes 4 rows of 8 two-byte values. Measured on an H200 (benchmarks/RESULTS.md): bf16
+// forward 24.5 -> 22.9 us at B64 N256 C32, but fp32 23.8 -> 26.0 (the staging adds about 10% to the shared-memory
+// traffic that the forward is bound by, more than 4-byte stores save), so float32 maps are stored from registers.
+__device__ __forceinline__ int staged_index(int k, int y, int x) {
+    return (k * TILE + y) * TILE + (x ^ (((y >> 1) & 1) << 3));
+}
+
+// Four consecutive values at p (16-byte aligned for float, 8-byte for the 16-bit types).
+__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+template <typename T16>
+__device__ __forceinline__ void store4(T16* p, float4 v) {  // bf16_t, f16_t
+    const unsigned lo = from_float<T16>(v.x).bits | ((unsigned)from_float<T16>(v.y).bits << 16);
+    const unsigned hi = from_float<T16>(v.z).bits | ((unsigned)from_float<T16>(v.w).bits << 16);
+    *reinterpret_cast<uint2*>(p) = make_uint2(lo, hi);
+}
+
+// Stores the tile's map (acc: this lane's pixel (ty0 + y, tx0 + x)) through `staged` (STAGED channels of a tile,
+// at a 16-byte boundary), STAGED channels per pass. For a tile inside the map whose rows start at multiples of 4
+// pixels (W % 4 == 0). Starts with a barrier: the staging area may be what the block's warps are still reading.
+template <typename T, int CPT, int STAGED>
+__device__ __forceinline__ void store_tile_staged(const float (&acc)[CPT], float* staged, T* out_b, int C, int H,
+                                                  int W, int tx0, int ty0, int y, int x) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int pass = 0; pass < CPT / STAGED; ++pass) {
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < STAGED; ++kk) staged[staged_index(kk, y, x)] = acc[pass * STAGED + kk];
+        __syncthreads();
+        const int channels = min(STAGED, C - pass * STAGED);
+#pragma unroll 4
+        for (int v = tid; v < channels * TILE * (TILE / 4); v += THREADS) {  // v: (channel, row, group of 4)
+            const int kk = v / (TILE * TILE / 4), row = (v / (TILE / 4)) % TILE, col = (v % (TILE / 4)) * 4;
+            const float4 values = *reinterpret_cast<const float4*>(staged + staged_index(kk, row, col));
+            store4(out_b + ((size_t)(pass * STAGED + kk) * H + ty0 + row) * W + tx0 + col, values);
+        }
+    }
+}
+
 // ---- forward ----
 template <typename T, int CPT>
 __device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* __restrict__ masks,
@@ -460,7 +503,10 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* 
         }
         if (base + ROUND < N) __syncthreads();  // the next round overwrites the shared list
     }
-    if (x < W && y < H) {
+    if (sizeof(T) == 2 && tx0 + TILE <= W && ty0 + TILE <= H && W % 4 == 0) {  // (16-bit values: see below)
+        store_tile_staged<T, CPT, CPT * ROUND / THREADS>(acc, feat_s, out + (size_t)b * C * H * W, C, H, W, tx0,
+                                                         ty0, y - ty0, x - tx0);
+    } else if (x < W && y < H) {  // (a tile at the map's edge, or rows not a multiple of 4 pixels)
         const size_t plane = (size_t)H * W;
         T* o = out + (size_t)b * C * plane + (size_t)y * W + x;
         if (C == CPT) {  // (no test per channel)
