@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # the forward's choice of the staged stores (16-bit maps)
-STAGED_STORES = "if (sizeof(T) == 2 && tx0 + TILE"
+STAGED_STORES = "    if constexpr (sizeof(T) == 2) {  // (16-bit maps"
 
 # variant name -> (what it removes, [(old text, new text), ...])
 VARIANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
@@ -45,13 +45,13 @@ VARIANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     ),
     "forward-no-stores": (
         "the forward's map stores (kept only under a condition that never holds)",
-        [(STAGED_STORES, "if (false && sizeof(T) == 2"),
-         ("    } else if (x < W && y < H) {", "    } else if (x < W && y < H && acc[0] == 1234.5f) {")],
+        [(STAGED_STORES, "    if constexpr (false) {  // (16-bit maps"),
+         ("    if (x < W && y < H) {\n        const size_t plane", "    if (x < W && y < H && acc[0] == 1234.5f) {\n        const size_t plane")],
     ),
     "forward-stores-one-line": (
         "the forward's scatter of each store over 4 map rows (each warp store writes 128 contiguous bytes instead, to "
         "the wrong pixels; 16-bit maps stored from registers too)",
-        [(STAGED_STORES, "if (false && sizeof(T) == 2"),
+        [(STAGED_STORES, "    if constexpr (false) {  // (16-bit maps"),
          ("        T* o = out + (size_t)b * C * plane + (size_t)y * W + x;",
           "        T* o = out + (size_t)b * C * plane + (size_t)blockIdx.x * THREADS + threadIdx.x;")],
     ),
@@ -75,19 +75,23 @@ VARIANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
 }
 
 
+def apply_edits(source: str, edits: list[tuple[str, str]]) -> str:
+    """`source` with each (old, new) replacement made; each old text must occur exactly once."""
+    for old, new in edits:
+        count = source.count(old)
+        if count != 1:
+            raise ValueError(f"edit does not match the kernel source exactly once ({count} matches): {old!r}")
+        source = source.replace(old, new)
+    return source
+
+
 def patched_copy(edits: list[tuple[str, str]], folder: Path) -> Path:
     """Copy the package and the benchmark into `folder` and apply `edits` to the copy's kernel source."""
     shutil.copytree(ROOT / "splat_cuda", folder / "splat_cuda", ignore=shutil.ignore_patterns("__pycache__"))
     (folder / "benchmarks").mkdir()
     shutil.copy2(ROOT / "benchmarks" / "renderer.py", folder / "benchmarks" / "renderer.py")
     kernel = folder / "splat_cuda" / "kernels" / "render.cu"
-    source = kernel.read_text()
-    for old, new in edits:
-        count = source.count(old)
-        if count != 1:
-            raise ValueError(f"edit does not match the kernel source exactly once ({count} matches): {old!r}")
-        source = source.replace(old, new)
-    kernel.write_text(source)
+    kernel.write_text(apply_edits(kernel.read_text(), edits))
     return folder / "benchmarks" / "renderer.py"
 
 

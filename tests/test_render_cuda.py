@@ -8,6 +8,8 @@ oracle in test_render_reference.py).
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from splat_cuda import render, render_reference
 
 compiler = pytest.importorskip("splat_cuda.compiler")
 pytest.importorskip("cuda.core")
+from splat_cuda import nvrtc  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -44,6 +47,23 @@ def test_every_variant_compiles_to_cubin(arch):
     for dtype_name in compiler.STORAGE_TYPES:
         for cpt in compiler.CHANNEL_PADDINGS:
             assert compiler.compile_variant(dtype_name, cpt, arch)[:4] == b"\x7fELF"
+
+
+def test_whatif_edits_match_the_kernels_and_compile():
+    """benchmarks/renderer_whatif.py times builds with one part removed by textual edits of render.cu: each edit must
+    still match the source exactly once (or the script would time something else) and each edited source compile."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "renderer_whatif.py"
+    spec = importlib.util.spec_from_file_location("renderer_whatif", path)
+    whatif = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(whatif)
+    for dtype_name in ("float32", "bfloat16"):
+        source = compiler.variant_source(dtype_name, 32)
+        for name, (_, edits) in whatif.VARIANTS.items():
+            edited = whatif.apply_edits(source, edits)
+            assert (edited != source) == bool(edits), name
+            nvrtc.compile_source(edited, "sm_90", name=f"what-if {name}", syntax_only=True)
+    with pytest.raises(ValueError, match="exactly once"):
+        whatif.apply_edits("int x;", [("int y;", "")])
 
 
 def test_compile_error_names_the_variant(monkeypatch):

@@ -414,10 +414,9 @@ __device__ __forceinline__ int staged_index(int k, int y, int x) {
     return (k * TILE + y) * TILE + (x ^ (((y >> 1) & 1) << 3));
 }
 
-// Four consecutive values at p (16-byte aligned for float, 8-byte for the 16-bit types).
-__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+// Four consecutive 16-bit values (bf16_t or f16_t) at p, 8-byte aligned.
 template <typename T16>
-__device__ __forceinline__ void store4(T16* p, float4 v) {  // bf16_t, f16_t
+__device__ __forceinline__ void store4(T16* p, float4 v) {
     const unsigned lo = from_float<T16>(v.x).bits | ((unsigned)from_float<T16>(v.y).bits << 16);
     const unsigned hi = from_float<T16>(v.z).bits | ((unsigned)from_float<T16>(v.w).bits << 16);
     *reinterpret_cast<uint2*>(p) = make_uint2(lo, hi);
@@ -426,8 +425,8 @@ __device__ __forceinline__ void store4(T16* p, float4 v) {  // bf16_t, f16_t
 // Stores the tile's map (acc: this lane's pixel (ty0 + y, tx0 + x)) through `staged` (STAGED channels of a tile,
 // at a 16-byte boundary), STAGED channels per pass. For a tile inside the map whose rows start at multiples of 4
 // pixels (W % 4 == 0). Starts with a barrier: the staging area may be what the block's warps are still reading.
-template <typename T, int CPT, int STAGED>
-__device__ __forceinline__ void store_tile_staged(const float (&acc)[CPT], float* staged, T* out_b, int C, int H,
+template <typename T16, int CPT, int STAGED>
+__device__ __forceinline__ void store_tile_staged(const float (&acc)[CPT], float* staged, T16* out_b, int C, int H,
                                                   int W, int tx0, int ty0, int y, int x) {
     const int tid = threadIdx.x;
 #pragma unroll
@@ -503,10 +502,14 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* 
         }
         if (base + ROUND < N) __syncthreads();  // the next round overwrites the shared list
     }
-    if (sizeof(T) == 2 && tx0 + TILE <= W && ty0 + TILE <= H && W % 4 == 0) {  // (16-bit values: see below)
-        store_tile_staged<T, CPT, CPT * ROUND / THREADS>(acc, feat_s, out + (size_t)b * C * H * W, C, H, W, tx0,
-                                                         ty0, y - ty0, x - tx0);
-    } else if (x < W && y < H) {  // (a tile at the map's edge, or rows not a multiple of 4 pixels)
+    if constexpr (sizeof(T) == 2) {  // (16-bit maps: four pixels per store where the tile allows it)
+        if (tx0 + TILE <= W && ty0 + TILE <= H && W % 4 == 0) {
+            store_tile_staged<T, CPT, CPT * ROUND / THREADS>(acc, feat_s, out + (size_t)b * C * H * W, C, H, W, tx0,
+                                                             ty0, y - ty0, x - tx0);
+            return;
+        }
+    }
+    if (x < W && y < H) {
         const size_t plane = (size_t)H * W;
         T* o = out + (size_t)b * C * plane + (size_t)y * W + x;
         if (C == CPT) {  // (no test per channel)
