@@ -188,24 +188,34 @@ def run_for_profiler(args):
         print(f"profiled {name}")
 
 
+def child_times(script: Path, env: dict, cases: list[int] | None, reps: int) -> dict[tuple[str, str], str]:
+    """{(case, variant): GPU us/call} of `script --quick` (this benchmark, or a copy of it) run in a child process
+    with the environment `env`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "table.md"
+        command = [sys.executable, str(script), "--quick", "--reps", str(reps), "--markdown", str(table)]
+        if cases:
+            command += ["--cases", *map(str, cases)]
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        times = {}
+        for row in table.read_text().splitlines():
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            if len(cells) == 6 and cells[1].startswith("cuda "):
+                times[(cells[0], cells[1])] = cells[2]
+        return times
+
+
 def sweep_min_blocks(args) -> list[str]:
     """Time fp32 forward / backward / fwd+bwd for each `--sweep-min-blocks` setting (F,B = the blocks per SM the
     forward and backward kernels are compiled for: splat_cuda.compiler.MIN_BLOCKS), one child process each."""
     lines = ["| min blocks (fwd,bwd) | case | forward us | backward us | fwd+bwd us | bf16 fwd+bwd us |",
              "|---|---|---|---|---|---|"]
     for setting in args.sweep_min_blocks:
-        with tempfile.TemporaryDirectory() as tmp:
-            table = Path(tmp) / "table.md"
-            command = [sys.executable, __file__, "--quick", "--reps", str(args.reps), "--markdown", str(table)]
-            if args.cases:
-                command += ["--cases", *map(str, args.cases)]
-            env = dict(os.environ, SPLAT_CUDA_MIN_BLOCKS=setting, SPLAT_CUDA_CACHE=tmp)
-            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, SPLAT_CUDA_MIN_BLOCKS=setting, SPLAT_CUDA_CACHE=cache)
             times: dict[str, dict[str, str]] = {}
-            for row in table.read_text().splitlines():
-                cells = [c.strip() for c in row.strip("|").split("|")]
-                if len(cells) == 6 and cells[1].startswith("cuda "):
-                    times.setdefault(cells[0], {})[cells[1]] = cells[2]
+            for (case, label), us in child_times(Path(__file__), env, args.cases, args.reps).items():
+                times.setdefault(case, {})[label] = us
         for case, t in times.items():
             lines.append(f"| {setting} | {case} | {t.get('cuda fp32 forward')} | {t.get('cuda fp32 backward')} | "
                          f"{t.get('cuda fp32 fwd+bwd')} | {t.get('cuda bf16 fwd+bwd')} |")
@@ -251,10 +261,7 @@ def main():
         run_for_profiler(args)
         return
     if args.sweep_min_blocks:
-        text = "\n".join(sweep_min_blocks(args))
-        print(text)
-        if args.markdown:
-            args.markdown.write_text(text + "\n")
+        emit(sweep_min_blocks(args), args.markdown)
         return
     lines = []
     if torch.cuda.is_available() and not args.cpu:
@@ -287,10 +294,15 @@ def main():
         lines.append("| case | seconds (median) |")
         lines.append("|---|---|")
         lines += [f"| {name} | {sec:.2f} |" for name, sec in rows]
+    emit(lines, args.markdown)
+
+
+def emit(lines: list[str], markdown: Path | None) -> None:
+    """Print the table lines, and write them to `markdown` too if given."""
     text = "\n".join(lines)
     print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    if markdown:
+        markdown.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from renderer import child_times, emit  # (benchmarks/renderer.py, beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,17 +99,7 @@ def time_variant(name: str, cases: list[int], reps: int) -> dict[tuple[str, str]
     """{(case, variant label): GPU us/call} from the patched copy's quick benchmark."""
     with tempfile.TemporaryDirectory() as tmp:
         script = patched_copy(VARIANTS[name][1], Path(tmp) / "pkg")
-        table = Path(tmp) / "table.md"
-        command = [sys.executable, str(script), "--quick", "--reps", str(reps), "--markdown", str(table),
-                   "--cases", *map(str, cases)]
-        env = dict(os.environ, SPLAT_CUDA_CACHE=str(Path(tmp) / "cache"))
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-        times = {}
-        for row in table.read_text().splitlines():
-            cells = [c.strip() for c in row.strip("|").split("|")]
-            if len(cells) == 6 and cells[1].startswith("cuda "):
-                times[(cells[0], cells[1])] = cells[2]
-        return times
+        return child_times(script, dict(os.environ, SPLAT_CUDA_CACHE=str(Path(tmp) / "cache")), cases, reps)
 
 
 def main():
@@ -131,10 +121,7 @@ def main():
     for name, runs in results.items():
         cells = [" / ".join(run.get(key, "-") for run in runs) for key in labels]
         lines.append(f"| {name} ({VARIANTS[name][0]}) | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    emit(lines, args.markdown)
 
 
 if __name__ == "__main__":
