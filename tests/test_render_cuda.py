@@ -176,6 +176,20 @@ def test_half_precision_features(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size, channels", [((48, 48), 16), ((37, 50), 3), ((64, 64), 64), ((36, 40), 40)])
+def test_half_precision_map_is_the_float32_map_rounded(dtype, size, channels):
+    """16-bit maps leave through shared memory, four pixels per store (whole tiles of maps whose rows are multiples of
+    4 pixels, in two passes at 64 channels), or pixel by pixel (edge tiles, other widths): either way each value is
+    the float32 kernel's, rounded (the kernels accumulate alike; the tolerance is one rounding step)."""
+    tokens = random_tokens(2, 200, channels, rho=0.9, seed=8).to(dtype)
+    out = render(tokens, size)
+    expected = render(tokens.float(), size).to(dtype)
+    assert out.abs().max() > 0.05
+    torch.testing.assert_close(out.float(), expected.float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
+@pytest.mark.gpu
 def test_deterministic_mode_is_bitwise_repeatable():
     tokens = random_tokens(4, 500, 32, rho=0.9, seed=8)
     gout = torch.randn(4, 32, 64, 64, device="cuda")
