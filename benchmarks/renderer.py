@@ -135,17 +135,17 @@ def run_gpu(args):
             fwd_in = [(t,) for t in toks]
             both_in = list(zip(toks, gos))
             esize = torch.tensor([], dtype=dtype).element_size()
-            saved = {t.data_ptr(): op.render_forward(t, side, side, 3.0, False)[1] for t in toks}
+            saved = {t.data_ptr(): op.render_forward(t, side, side, 3.0, False, False)[1] for t in toks}
 
-            def fwd(t):
-                return op.render_forward(t, side, side, 3.0, False)
+            def fwd(t):  # (no gradient wanted: the forward zeroes no accumulator)
+                return op.render_forward(t, side, side, 3.0, False, False)
 
-            def bwd(t, g, deterministic=False):  # with the forward's masks, as autograd does
+            def bwd(t, g, deterministic=False):  # with the forward's masks, zeroing its own gradient buffer
                 return op.render_backward(t, saved[t.data_ptr()], g, side, side, 3.0, deterministic)
 
-            def both(t, g, deterministic=False):
-                _, masks = fwd(t)
-                return op.render_backward(t, masks, g, side, side, 3.0, deterministic)
+            def both(t, g, deterministic=False):  # through autograd, as in training
+                leaf = t.detach().requires_grad_()
+                return torch.autograd.grad(render(leaf, side, deterministic=deterministic), leaf, g)
 
             def det(t, g):
                 return both(t, g, True)

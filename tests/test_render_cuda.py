@@ -206,6 +206,38 @@ def test_deterministic_mode_is_bitwise_repeatable():
 
 
 @pytest.mark.gpu
+def test_forward_zeroes_the_backward_accumulator():
+    """With a gradient wanted, the forward kernel zeroes the backward's float32 accumulator (so that the backward
+    needs no fill kernel): the buffer comes back zero from memory full of NaN, the gradient added into it equals the
+    backward's that zeroes its own buffer, and a second backward through the same graph (retain_graph) gets a fresh
+    buffer instead of adding to the spent one."""
+    from splat_cuda import op
+
+    tokens = random_tokens(3, 300, 24, seed=21)
+    size = (40, 56)
+    gout = torch.randn(3, 24, *size, device="cuda")
+    dirty = [torch.full(tokens.shape, float("nan"), device="cuda") for _ in range(8)]
+    del dirty
+    assert torch.isnan(torch.empty(tokens.shape, device="cuda")).all()  # the allocator hands out the NaN blocks
+    _, masks, accumulator = op.render_forward(tokens, *size, 3.0, False, True)
+    assert accumulator.shape == tokens.shape and accumulator.dtype == torch.float32
+    assert torch.count_nonzero(accumulator) == 0
+    op.render_backward_accumulate(tokens, masks, gout, accumulator, *size, 3.0)
+    expected = op.render_backward(tokens, masks, gout, *size, 3.0, False)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(accumulator, expected, rtol=1e-5, atol=1e-5)
+
+    leaf = tokens.clone().requires_grad_()
+    out = render(leaf, size)
+    first, = torch.autograd.grad(out, leaf, gout, retain_graph=True)
+    second, = torch.autograd.grad(out, leaf, gout)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="accumulator must be"):
+        op.render_backward_accumulate(tokens, masks, gout, accumulator.double(), *size, 3.0)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_capture_and_replay():
     tokens = random_tokens(2, 128, 16, seed=9).requires_grad_()
     gout = torch.randn(2, 16, 64, 64, device="cuda")
@@ -246,7 +278,11 @@ def test_torch_compile_fullgraph_and_opcheck():
     compiled(a).backward()
     loss(b).backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
-    torch.library.opcheck(op.render_forward, (tokens, 32, 40, 3.0, True))
+    torch.library.opcheck(op.render_forward, (tokens, 32, 40, 3.0, True, False))
+    torch.library.opcheck(op.render_forward, (tokens, 32, 40, 3.0, False, True))
+    _, masks, accumulator = op.render_forward(tokens, 32, 40, 3.0, False, True)
+    torch.library.opcheck(op.render_backward_accumulate,
+                          (tokens, masks, torch.randn(2, 8, 32, 40, device="cuda"), accumulator, 32, 40, 3.0))
 
 
 @pytest.mark.gpu
@@ -258,12 +294,12 @@ def test_dispatch_and_errors():
     from splat_cuda import op
 
     with pytest.raises(ValueError, match="contiguous"):
-        op.render_forward(view, 24, 24, 3.0, False)
+        op.render_forward(view, 24, 24, 3.0, False, False)
     small = tokens[..., :9].contiguous()
-    _, masks = op.render_forward(small, 6, 6, 3.0, False)
+    _, masks, _ = op.render_forward(small, 6, 6, 3.0, False, False)
     with pytest.raises(ValueError, match="grad_out must be"):
         op.render_backward(small, masks, torch.zeros(2, 4, 5, 5, device="cuda"), 6, 6, 3.0, False)
     with pytest.raises(ValueError, match="on cpu"):
         op.render_backward(small, masks, torch.zeros(2, 4, 6, 6), 6, 6, 3.0, False)
     with pytest.raises(ValueError, match="at most 8192 tokens"):
-        op.render_forward(random_tokens(1, 8193, 4, seed=14), 16, 16, 3.0, False)
+        op.render_forward(random_tokens(1, 8193, 4, seed=14), 16, 16, 3.0, False, False)

@@ -92,6 +92,17 @@ __device__ __forceinline__ T16 load_once(const T16* p) {  // bf16_t, f16_t
     return v;
 }
 
+// A map value, written once and read by a later kernel: a streaming store (first in line for eviction from L2), so
+// that the map's lines leave L2 before what the next kernels read again. Measured on an H200 (benchmarks/RESULTS.md):
+// B64 N256 C32 fp32 fwd+bwd 63.3 -> 62.0 us, high-resolution forward 92.8 -> 88.4 us.
+__device__ __forceinline__ void store_streaming(float* p, float v) {
+    asm volatile("st.global.cs.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
+}
+template <typename T16>
+__device__ __forceinline__ void store_streaming(T16* p, T16 v) {  // bf16_t, f16_t
+    asm volatile("st.global.cs.u16 [%0], %1;" ::"l"(p), "h"(v.bits) : "memory");
+}
+
 // ---- geometry ----
 struct __align__(16) Geo {  // one token's derived geometry (32 bytes)
     float mx, my;      // centre
@@ -371,11 +382,31 @@ __device__ __forceinline__ int cull_round(const T* tok_b, int base, int N, int C
                                           int* warp_count) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int D = 5 + C;
-    const int i = base + tid;
-    const bool listed = i < min(base + ROUND, N);
+    const int i = base + tid, end = min(base + ROUND, N);
+    const bool listed = i < end;
     float geo_values[5];  // sigma_x, sigma_y, rho, mu_x, mu_y
+    if constexpr (sizeof(T) == 4) {
+        // Float32 rows are wider than an L1 line, so that 32 tokens' values lie in 32 lines. The warp reads its 32
+        // tokens' geometry as 160 (token, value) pairs in token order instead: lane l loads pairs l, l + 32, ...,
+        // each load touching the rows of about 7 tokens (a quarter of the L1 tag lookups), and the warp then trades
+        // them through shared memory (in the list's space, written only after the compaction barrier below) so
+        // that each thread holds its own token's. (B64 N256 C32: forward 23.8 -> 23.3 us, high
+        // resolution 89.4 -> 84.6; for 16-bit rows, half as wide, it measured slower: 78.3 -> 81.4 at high
+        // resolution, so they are read as before, each thread its own token's values.)
+        // (8 warps x 160 floats: within geo_s and, for ROUND = 128, the start of feat_s, both free until then)
+        float* traded = reinterpret_cast<float*>(geo_s) + warp * 5 * 32;
 #pragma unroll
-    for (int v = 0; v < 5; ++v) geo_values[v] = listed ? to_float(tok_b[(size_t)i * D + v]) : 0.0f;
+        for (int u = 0; u < 5; ++u) {
+            const int pair = lane + 32 * u, t = pair / 5, token = base + 32 * warp + t;  // (32-bit offsets: N D < 2^31)
+            traded[pair] = token < end ? tok_b[(unsigned)token * (unsigned)D + (unsigned)(pair - 5 * t)] : 0.0f;
+        }
+        __syncwarp();
+#pragma unroll
+        for (int v = 0; v < 5; ++v) geo_values[v] = traded[5 * lane + v];
+    } else {
+#pragma unroll
+        for (int v = 0; v < 5; ++v) geo_values[v] = listed ? to_float(tok_b[(size_t)i * D + v]) : 0.0f;
+    }
     const bool hit = listed && box_touches(make_box(geo_values[0], geo_values[1], geo_values[3], geo_values[4],
                                                     dmax), tile);
     const unsigned mask = __ballot_sync(FULL_MASK, hit);
@@ -415,7 +446,8 @@ __device__ __forceinline__ int staged_index(int k, int y, int x) {
     return (k * TILE + y) * TILE + (x ^ (((y >> 1) & 1) << 3));
 }
 
-// Four consecutive 16-bit values (bf16_t or f16_t) at p, 8-byte aligned.
+// Four consecutive 16-bit values (bf16_t or f16_t) at p, 8-byte aligned. (A plain store: as a streaming one, see
+// store_streaming, bf16 forward measured 23.0 -> 23.3 us at B64 N256 C32.)
 template <typename T16>
 __device__ __forceinline__ void store4(T16* p, float4 v) {
     const unsigned lo = from_float<T16>(v.x).bits | ((unsigned)from_float<T16>(v.y).bits << 16);
@@ -449,7 +481,8 @@ __device__ __forceinline__ void store_tile_staged(const float (&acc)[CPT], float
 // ---- forward ----
 template <typename T, int CPT>
 __device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* __restrict__ masks,
-                                        T* __restrict__ out, int N, int C, int H, int W, float dmax) {
+                                        T* __restrict__ out, float* __restrict__ grad_accumulator, int N, int C,
+                                        int H, int W, float dmax) {
     constexpr int ROUND = ROUND_SIZE(CPT);
     extern __shared__ float4 smem4[];
     Geo* geo_s = reinterpret_cast<Geo*>(smem4);
@@ -466,6 +499,14 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* 
     const int x = tx0 + lx0 + (lane & 7), y = ty0 + ly0 + (lane >> 3);
     const bool group_in_map = tx0 + lx0 < W && ty0 + ly0 < H;
     stage_pixel_coords(col_s, row_s, tx0, ty0, W, H);
+    // The backward's gradient accumulator, (B, N, 5 + C) float32, when the op asks for one: each block zeroes its
+    // share of its image's rows, which saves the backward a fill kernel of its own.
+    if (grad_accumulator != nullptr) {
+        const size_t image = (size_t)N * (5 + C);
+        const size_t lo = image * blockIdx.x / num_tiles, hi = image * (blockIdx.x + 1) / num_tiles;
+        float* g = grad_accumulator + (size_t)b * image;
+        for (size_t q = lo + tid; q < hi; q += THREADS) g[q] = 0.0f;
+    }
     __syncthreads();
 
     const T* tok_b = tokens + (size_t)b * N * (5 + C);
@@ -515,11 +556,11 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* 
         T* o = out + (size_t)b * C * plane + (size_t)y * W + x;
         if (C == CPT) {  // (no test per channel)
 #pragma unroll
-            for (int k = 0; k < CPT; ++k, o += plane) *o = from_float<T>(acc[k]);
+            for (int k = 0; k < CPT; ++k, o += plane) store_streaming(o, from_float<T>(acc[k]));
         } else {
 #pragma unroll
             for (int k = 0; k < CPT; ++k, o += plane)
-                if (k < C) *o = from_float<T>(acc[k]);
+                if (k < C) store_streaming(o, from_float<T>(acc[k]));
         }
     }
 }
@@ -810,8 +851,9 @@ __device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const
 // program holds only the four kernels one (dtype, channel padding) pair needs.
 #define SPLAT_INSTANTIATE(T, CPT)                                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, FORWARD_MIN_BLOCKS)                            \
-        render_forward(const T* tokens, unsigned* masks, T* out, int N, int C, int H, int W, float dmax) { \
-        forward<T, CPT>(tokens, masks, out, N, C, H, W, dmax);                                         \
+        render_forward(const T* tokens, unsigned* masks, T* out, float* grad_accumulator, int N, int C, int H, \
+                       int W, float dmax) {                                                            \
+        forward<T, CPT>(tokens, masks, out, grad_accumulator, N, C, H, W, dmax);                       \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS) render_backward(           \
         const T* tokens, const unsigned* masks, const T* dout, float* grad, int N, int C, int H, int W, \
