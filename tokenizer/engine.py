@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -299,6 +299,11 @@ class TrainingEngine:
             gradient_accumulation_steps=config.grad_accum_steps,
             dynamo_backend="no",   # compilation is engine.compile's alone (`prepare`, `compile_module`)
             step_scheduler_with_optimizer=False,
+            # DDP must not overwrite module buffers at each forward: the GAN discriminator runs twice (real, fake)
+            # before one backward, and BatchNorm's backward reads the running statistics that a broadcast at the
+            # second forward would change in place (autograd then refuses the backward). Each process keeps its own
+            # running statistics; no model here uses them in training.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()
         self._previous_backend_flags = _backend_flags()   # restored by finish()
