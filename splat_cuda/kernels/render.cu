@@ -14,8 +14,9 @@
 //   hits (in token order, so sums are order-stable) into a shared list with their derived geometry and features;
 //   warp w owns an 8x4 pixel group, lane = pixel, channel accumulators in registers; a warp ballot skips the list
 //   entries whose box misses the group. It also writes what the backward needs: the tile's mask (one bit per
-//   token whose box touches the tile: the round's ballots, stored as they are). 16-bit maps of whole tiles leave
-//   through shared memory, four pixels per store (`store_tile_staged`); float32 maps from the registers.
+//   token whose box touches the tile: the round's ballots, stored as they are) and, when the op asks, zeros in its
+//   share of the backward's gradient accumulator. 16-bit maps of whole tiles leave through shared memory, four
+//   pixels per store (`store_tile_staged`); float32 maps from the registers, by streaming stores.
 // `render_backward`: expands the tile's mask into the list of its tokens, stages the tile's dL/dout in shared
 //   memory (by streaming loads: it is read once); each half-warp takes one list entry at a time (the next one
 //   nobody has taken, from a shared counter, so that the work evens out) and walks the pixels of the token's box
