@@ -1,9 +1,8 @@
 """The CUDA renderer as PyTorch custom ops (`torch.library`), with its autograd formula.
 
 `splat_cuda::render_forward(tokens, height, width, dmax, deterministic, zeroed_gradient) -> (map, masks,
-accumulator)` renders
-the (B, C, H, W) map and leaves for the backward the tiles each token touches, as bits of `masks`
-(B, tiles, ceil(N / 32)) int32; with `zeroed_gradient` it also returns a zeroed (B, N, 5 + C) float32
+accumulator)` renders the (B, C, H, W) map and leaves for the backward the tiles each token touches, as bits of
+`masks` (B, tiles, ceil(N / 32)) int32; with `zeroed_gradient` it also returns a zeroed (B, N, 5 + C) float32
 `accumulator` for the backward's atomic adds (zeroed by the forward kernel itself, which saves the backward a
 fill kernel: about 2 us of the 63 at B64 N256 C32 on an H200), else an empty tensor.
 `splat_cuda::render_backward(tokens, masks, grad_out, height, width, dmax, deterministic) -> (B, N, 5 + C)`
