@@ -182,7 +182,7 @@ def run_for_profiler(args):
         tokens = make_tokens(batch, num, channels, 0, "cuda", dtype)
         gout = torch.randn(batch, channels, side, side, device="cuda", dtype=dtype)
         for _ in range(3):
-            _, masks = op.render_forward(tokens, side, side, 3.0, False)
+            masks = op.render_forward(tokens, side, side, 3.0, False, False)[1]
             op.render_backward(tokens, masks, gout, side, side, 3.0, False)
         torch.cuda.synchronize()
         print(f"profiled {name}")

@@ -102,6 +102,7 @@ class KernelSet:
     backward: object
     backward_deterministic: object
     reduce_tile_gradients: object
+    cast_gradient: object
     cpt: int
 
 
@@ -112,7 +113,8 @@ def device_arch(device_index: int) -> str:
 @lru_cache(maxsize=None)
 def load_kernels(device_index: int, dtype_name: str, cpt: int) -> KernelSet:
     """Compile (or fetch from the cache) and load one variant on a device."""
-    names = ("render_forward", "render_backward", "render_backward_deterministic", "reduce_tile_gradients")
+    names = ("render_forward", "render_backward", "render_backward_deterministic", "reduce_tile_gradients",
+             "cast_gradient")
     kernels = nvrtc.load_module(device_index, lambda: cached_cubin(dtype_name, cpt, device_arch(device_index)), names)
     for name, backward in (("render_forward", False), ("render_backward", True),
                            ("render_backward_deterministic", True)):
@@ -122,5 +124,6 @@ def load_kernels(device_index: int, dtype_name: str, cpt: int) -> KernelSet:
         backward=kernels["render_backward"],
         backward_deterministic=kernels["render_backward_deterministic"],
         reduce_tile_gradients=kernels["reduce_tile_gradients"],
+        cast_gradient=kernels["cast_gradient"],
         cpt=cpt,
     )

@@ -16,6 +16,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -139,12 +140,15 @@ _thread = threading.local()
 
 
 def launch(kernel, device_index: int, grid: tuple[int, int, int], block: tuple[int, int, int], shmem: int,
-           *args) -> None:
+           *args, dependent: bool = False) -> None:
     """Launch a kernel on PyTorch's current stream of a device, without synchronising with the host.
 
     args are packed by type: pass `np.int32`/`np.float32`/`np.float64` for C scalars and `tensor.data_ptr()` for
     pointers. cuda.core wants the device's context current on the calling thread (autograd runs backward passes
     on threads of its own), so each thread makes it current once per device.
+    dependent: launch as a programmatic dependent of the stream's previous kernel (compute capability >= 9.0;
+    ignored before): the kernel may start while that one finishes, so it must execute `griddepcontrol.wait`
+    before it touches global memory.
     """
     import torch
 
@@ -154,4 +158,18 @@ def launch(kernel, device_index: int, grid: tuple[int, int, int], block: tuple[i
         core.Device(device_index).set_current()
         ready.add(device_index)
     stream = core.Stream.from_handle(torch.cuda.current_stream(device_index).cuda_stream)
-    core.launch(stream, core.LaunchConfig(grid=grid, block=block, shmem_size=shmem), kernel, *args)
+    options = {"programmatic_stream_serialization": True} if dependent and _dependent_launches(device_index) else {}
+    core.launch(stream, core.LaunchConfig(grid=grid, block=block, shmem_size=shmem, **options), kernel, *args)
+
+
+@lru_cache(maxsize=None)
+def _dependent_launches(device_index: int) -> bool:
+    """Whether programmatic dependent launches are available: a device of compute capability >= 9.0 and a
+    cuda.core whose LaunchConfig takes them."""
+    import torch
+
+    try:
+        import_cuda_core().LaunchConfig(grid=1, block=1, programmatic_stream_serialization=True)
+    except TypeError:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)

@@ -8,10 +8,12 @@ fill kernel: about 2 us of the 63 at B64 N256 C32 on an H200), else an empty ten
 `splat_cuda::render_backward(tokens, masks, grad_out, height, width, dmax, deterministic) -> (B, N, 5 + C)`
 reuses `masks` (autograd keeps them; they are not differentiable);
 `splat_cuda::render_backward_accumulate(tokens, masks, grad_out, accumulator, height, width, dmax)` adds the same
-gradient, in float32, to an `accumulator` from the forward. Every kernel covers the whole batch in one launch on
-PyTorch's current stream; the ops allocate only through PyTorch and never synchronise with the host, so they work
-in eager mode, under `torch.compile(fullgraph=True)` (the fake implementations give shapes) and inside CUDA-graph
-capture (after a first eager call has compiled and loaded the kernels).
+gradient, in float32, to an `accumulator` from the forward, and returns it in the tokens' dtype when that is 16-bit.
+Every kernel covers the whole batch in one launch on PyTorch's current stream, as a programmatic dependent of the
+kernel before it on sm_90 and newer (its launch overlaps that kernel's last blocks); the ops allocate only through
+PyTorch and never synchronise with the host, so they work in eager mode, under `torch.compile(fullgraph=True)` (the
+fake implementations give shapes) and inside CUDA-graph capture (after a first eager call has compiled and loaded
+the kernels).
 
 Accumulation is fp32 whatever the token dtype; the output has the tokens' dtype, and so does the
 gradient (computed in fp32, then cast). The default backward adds per-tile partial gradients with
@@ -20,6 +22,8 @@ float atomics, whose order varies from run to run; `deterministic=True` stores t
 tile order, which makes gradients bitwise repeatable.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -31,12 +35,14 @@ from .compiler import (
     TILE,
     channel_padding,
     load_kernels,
+    min_blocks,
     shared_memory_bytes,
 )
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 _WARPS_PER_BLOCK = THREADS // 32
+_DEPENDENT_LAUNCHES = os.environ.get("SPLAT_CUDA_DEPENDENT_LAUNCH", "1") != "0"
 
 
 def _tiles(height: int, width: int) -> int:
@@ -44,7 +50,20 @@ def _tiles(height: int, width: int) -> int:
 
 
 def _launch(kernel, device: torch.device, grid: tuple[int, int], shmem: int, *args) -> None:
-    nvrtc.launch(kernel, device.index, (grid[0], grid[1], 1), (THREADS, 1, 1), shmem, *args)
+    nvrtc.launch(kernel, device.index, (grid[0], grid[1], 1), (THREADS, 1, 1), shmem, *args,
+                 dependent=_DEPENDENT_LAUNCHES)
+
+
+def _backward_grid(tokens: torch.Tensor, height: int, width: int, cpt: int) -> tuple[tuple[int, int], np.int32]:
+    """The backward's grid (tiles, images), and whether the backward lets the next kernel launch as soon as all of
+    its blocks have started (`early_dependents`): only when the grid spans more than one wave of blocks. A grid of
+    one wave starts all its blocks at once, and a dependent launched then has its blocks wait on the first SMs to
+    free up, as many per SM as fit, which leaves the other SMs idle once it runs (measured on an H200 with the
+    forward after the backward of the one-wave M128 batch, about 4 blocks per SM on half the SMs: fwd+bwd 12.7 ->
+    14.2 us; at B64 N256 C32, 3 waves, the early launch gains 0.3-0.5 us; benchmarks/RESULTS.md)."""
+    grid = (_tiles(height, width), tokens.shape[0])
+    sms = torch.cuda.get_device_properties(tokens.device).multi_processor_count
+    return grid, np.int32(grid[0] * grid[1] > sms * min_blocks(cpt)[1])
 
 
 def _kernels(tokens: torch.Tensor):
@@ -127,10 +146,26 @@ def _accumulate(tokens: torch.Tensor, masks: torch.Tensor, grad_out: torch.Tenso
                 width: int, dmax: float) -> None:
     """Adds dL/dtokens to the zeroed or partly summed float32 `grad` (B, N, 5 + C) by atomics."""
     kernels = _kernels(tokens)
+    grid, early_dependents = _backward_grid(tokens, height, width, kernels.cpt)
     with torch.cuda.device(tokens.device):
-        _launch(kernels.backward, tokens.device, (_tiles(height, width), tokens.shape[0]),
-                shared_memory_bytes(kernels.cpt, True), tokens.data_ptr(), masks.data_ptr(), grad_out.data_ptr(),
-                grad.data_ptr(), *_sizes(tokens, height, width), np.float32(dmax))
+        _launch(kernels.backward, tokens.device, grid, shared_memory_bytes(kernels.cpt, True), tokens.data_ptr(),
+                masks.data_ptr(), grad_out.data_ptr(), grad.data_ptr(), *_sizes(tokens, height, width),
+                np.float32(dmax), early_dependents)
+
+
+def _in_token_dtype(tokens: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The float32 gradient `grad` in the tokens' dtype, by a kernel of ours (launched as a dependent of the
+    backward, unlike PyTorch's cast); float32 `grad` itself for float32 tokens."""
+    if tokens.dtype == torch.float32:
+        return grad
+    out = torch.empty_like(tokens)
+    values = grad.numel()
+    if values == 0:
+        return out
+    with torch.cuda.device(tokens.device):
+        _launch(_kernels(tokens).cast_gradient, tokens.device, (-(-values // (4 * THREADS)), 1), 0,
+                grad.data_ptr(), out.data_ptr(), np.int64(values))
+    return out
 
 
 @torch.library.custom_op("splat_cuda::render_backward", mutates_args=(), device_types="cuda")
@@ -143,22 +178,22 @@ def render_backward(tokens: torch.Tensor, masks: torch.Tensor, grad_out: torch.T
     if not deterministic:
         grad = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         _accumulate(tokens, masks, grad_out, grad, height, width, dmax)
-        return grad.to(tokens.dtype)
+        return _in_token_dtype(tokens, grad)
     batch, num, dim = tokens.shape
     kernels = _kernels(tokens)
-    tiles = _tiles(height, width)
+    grid, early_dependents = _backward_grid(tokens, height, width, kernels.cpt)
     sizes = _sizes(tokens, height, width)
     with torch.cuda.device(tokens.device):
-        partial = torch.empty(batch, tiles, num, dim, dtype=torch.float32, device=tokens.device)
+        partial = torch.empty(batch, grid[0], num, dim, dtype=torch.float32, device=tokens.device)
         grad = torch.empty(batch, num, dim, dtype=torch.float32, device=tokens.device)
-        _launch(kernels.backward_deterministic, tokens.device, (tiles, batch), shared_memory_bytes(kernels.cpt, True),
+        _launch(kernels.backward_deterministic, tokens.device, grid, shared_memory_bytes(kernels.cpt, True),
                 tokens.data_ptr(), masks.data_ptr(), grad_out.data_ptr(), partial.data_ptr(), *sizes,
-                np.float32(dmax))
+                np.float32(dmax), early_dependents)
         blocks = (batch * num + _WARPS_PER_BLOCK - 1) // _WARPS_PER_BLOCK
         _launch(kernels.reduce_tile_gradients, tokens.device, (blocks, 1), 0,
                 tokens.data_ptr(), masks.data_ptr(), partial.data_ptr(), grad.data_ptr(), np.int32(batch), *sizes,
                 np.float32(dmax))
-    return grad.to(tokens.dtype)
+    return _in_token_dtype(tokens, grad)
 
 
 @render_backward.register_fake
@@ -169,20 +204,22 @@ def _render_backward_fake(tokens, masks, grad_out, height, width, dmax, determin
 @torch.library.custom_op("splat_cuda::render_backward_accumulate", mutates_args=("accumulator",),
                          device_types="cuda")
 def render_backward_accumulate(tokens: torch.Tensor, masks: torch.Tensor, grad_out: torch.Tensor,
-                               accumulator: torch.Tensor, height: int, width: int, dmax: float) -> None:
+                               accumulator: torch.Tensor, height: int, width: int, dmax: float) -> torch.Tensor:
     """Adds dL/dtokens from dL/dout (B, C, H, W), in float32, to `accumulator` (B, N, 5 + C) float32 (one from
-    `render_forward(..., zeroed_gradient=True)`)."""
+    `render_forward(..., zeroed_gradient=True)`); returns the sum in the tokens' dtype when that is 16-bit, else an
+    empty tensor (the accumulator is the gradient)."""
     grad_out = _check_backward_inputs(tokens, grad_out, height, width)
     if accumulator.shape != tokens.shape or accumulator.dtype != torch.float32 or not accumulator.is_contiguous():
         raise ValueError(f"splat_cuda backward: the accumulator must be a contiguous float32 {tuple(tokens.shape)} "
                          f"tensor, got {accumulator.dtype} {tuple(accumulator.shape)}")
     if tokens.numel() and grad_out.numel():
         _accumulate(tokens, masks, grad_out, accumulator, height, width, dmax)
+    return tokens.new_empty(0) if tokens.dtype == torch.float32 else _in_token_dtype(tokens, accumulator)
 
 
 @render_backward_accumulate.register_fake
 def _render_backward_accumulate_fake(tokens, masks, grad_out, accumulator, height, width, dmax):
-    return None
+    return tokens.new_empty(0) if tokens.dtype == torch.float32 else torch.empty_like(tokens)
 
 
 def _setup_context(ctx, inputs, output):
@@ -205,8 +242,8 @@ def _backward(ctx, grad_out, _grad_masks, _grad_accumulator):
     tokens, masks = ctx.saved_tensors
     accumulator, ctx.accumulator = ctx.accumulator, None
     if accumulator is not None:
-        render_backward_accumulate(tokens, masks, grad_out, accumulator, *ctx.render_args)
-        grad = accumulator.to(tokens.dtype)
+        cast = render_backward_accumulate(tokens, masks, grad_out, accumulator, *ctx.render_args)
+        grad = accumulator if tokens.dtype == torch.float32 else cast
     else:
         grad = render_backward(tokens, masks, grad_out, *ctx.render_args, ctx.deterministic)
     return grad, None, None, None, None, None

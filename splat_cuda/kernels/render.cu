@@ -294,6 +294,27 @@ __device__ __forceinline__ void wait_async_copies_but_one() {
 #endif
 }
 
+// ---- programmatic dependent launch (sm_90 and newer) ----
+// The host launches every kernel of this file as a programmatic dependent of the kernel before it on the stream,
+// so that its launch and the setup that reads no global memory overlap that kernel's last blocks. Each kernel
+// therefore waits for the kernels before it (their completion and their memory) before its first global access,
+// and then lets the kernel after it launch (whose blocks wait in turn, on the same terms) as soon as all of its
+// own blocks have started; the backward only when the host says so (`early_dependents`: see splat_cuda/op.py).
+__device__ __forceinline__ void wait_for_previous_kernels() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_kernel_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void begin_global_access() {
+    wait_for_previous_kernels();
+    let_next_kernel_launch();
+}
+
 // ---- a tile's token list, from its mask ----
 // The block first counts the set bits of every mask word (one word per thread) and stores each word's
 // offset into the list; a window of the list, positions [start, start + THREADS), is then expanded into
@@ -500,6 +521,7 @@ __device__ __forceinline__ void forward(const T* __restrict__ tokens, unsigned* 
     const int x = tx0 + lx0 + (lane & 7), y = ty0 + ly0 + (lane >> 3);
     const bool group_in_map = tx0 + lx0 < W && ty0 + ly0 < H;
     stage_pixel_coords(col_s, row_s, tx0, ty0, W, H);
+    begin_global_access();
     // The backward's gradient accumulator, (B, N, 5 + C) float32, when the op asks for one: each block zeroes its
     // share of its image's rows, which saves the backward a fill kernel of its own.
     if (grad_accumulator != nullptr) {
@@ -620,7 +642,7 @@ __device__ __forceinline__ int dout_row(int ly, int lx) { return ly * TILE + ((l
 template <typename T, int CPT, bool DETERMINISTIC>
 __device__ __forceinline__ void backward(const T* __restrict__ tokens, const unsigned* __restrict__ masks,
                                          const T* __restrict__ dout, float* __restrict__ grad, int N, int C,
-                                         int H, int W, float dmax) {
+                                         int H, int W, float dmax, int early_dependents) {
     constexpr int DSTRIDE = CPT + 4;  // padded row of the staged dL/dout: conflict-free float4 access
     extern __shared__ float4 smem4[];
     float* dout_s = reinterpret_cast<float*>(smem4);  // THREADS rows (tile pixel (ly, lx): row dout_row(ly, lx))
@@ -640,8 +662,12 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
     const int D = 5 + C;
     const int words = (N + 31) >> 5;
     const unsigned* mask_tile = masks + ((size_t)b * num_tiles + blockIdx.x) * words;
-    const unsigned mask_word = tid < words ? __ldg(mask_tile + tid) : 0u;  // in flight while dL/dout is staged
     stage_pixel_coords(col_s, row_s, tx0, ty0, W, H);
+    for (int q = tid; q < WARPS * 2 * 2 * ROW4; q += THREADS)
+        (&token_s[0][0][0][0])[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    wait_for_previous_kernels();
+    if (early_dependents) let_next_kernel_launch();
+    const unsigned mask_word = tid < words ? __ldg(mask_tile + tid) : 0u;  // in flight while dL/dout is staged
 
     // Stage dL/dout of the tile, four channels per shared store; zeros outside the map and past C.
     {
@@ -667,8 +693,6 @@ __device__ __forceinline__ void backward(const T* __restrict__ tokens, const uns
     const T* tok_b = tokens + (size_t)b * N * D;
     // dL/dtokens of this image, or this tile's partial sums (deterministic mode): N rows of D
     float* grad_rows = grad + (DETERMINISTIC ? ((size_t)b * num_tiles + blockIdx.x) : (size_t)b) * N * D;
-    for (int q = tid; q < WARPS * 2 * 2 * ROW4; q += THREADS)
-        (&token_s[0][0][0][0])[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     // (count_tile_tokens' barriers also publish dout_s, col_s, row_s and token_s)
     const int total = count_tile_tokens(mask_word, tl);
     for (int start = 0; start < total; start += THREADS) {
@@ -828,6 +852,7 @@ __device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const
                                              int N, int C, int H, int W, float dmax) {
     const int lane = threadIdx.x & 31;
     const long long item = (long long)blockIdx.x * WARPS + (threadIdx.x >> 5);
+    begin_global_access();
     if (item >= (long long)B * N) return;
     const int b = (int)(item / N), i = (int)(item % N);
     const int D = 5 + C;
@@ -847,9 +872,24 @@ __device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const
     }
 }
 
+// ---- the float32 gradient in the tokens' dtype ----
+// out[q] = in[q] for q < n, four values per thread (n: the values of a (B, N, 5 + C) gradient).
+template <typename T>
+__device__ __forceinline__ void cast_values(const float* __restrict__ in, T* __restrict__ out, long long n) {
+    begin_global_access();
+    const long long q = 4 * ((long long)blockIdx.x * THREADS + threadIdx.x);
+    if (q + 4 <= n) {  // (both buffers start at 256-byte boundaries, so q is aligned for 16- and 8-byte access)
+        const float4 v = *reinterpret_cast<const float4*>(in + q);
+        if constexpr (sizeof(T) == 2) store4(out + q, v);
+        else *reinterpret_cast<float4*>(out + q) = v;
+    } else {
+        for (long long r = q; r < n; ++r) out[r] = from_float<T>(in[r]);
+    }
+}
+
 // ---- entry points ----
 // The host appends one `SPLAT_INSTANTIATE(storage type, CPT)` line per compiled variant, so each
-// program holds only the four kernels one (dtype, channel padding) pair needs.
+// program holds only the five kernels one (dtype, channel padding) pair needs.
 #define SPLAT_INSTANTIATE(T, CPT)                                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, FORWARD_MIN_BLOCKS)                            \
         render_forward(const T* tokens, unsigned* masks, T* out, float* grad_accumulator, int N, int C, int H, \
@@ -858,16 +898,20 @@ __device__ __forceinline__ void reduce_tiles(const T* __restrict__ tokens, const
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS) render_backward(           \
         const T* tokens, const unsigned* masks, const T* dout, float* grad, int N, int C, int H, int W, \
-        float dmax) {                                                                                  \
-        backward<T, CPT, false>(tokens, masks, dout, grad, N, C, H, W, dmax);                          \
+        float dmax, int early_dependents) {                                                            \
+        backward<T, CPT, false>(tokens, masks, dout, grad, N, C, H, W, dmax, early_dependents);        \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, BACKWARD_MIN_BLOCKS)                           \
         render_backward_deterministic(const T* tokens, const unsigned* masks, const T* dout,           \
-                                      float* partial, int N, int C, int H, int W, float dmax) {        \
-        backward<T, CPT, true>(tokens, masks, dout, partial, N, C, H, W, dmax);                        \
+                                      float* partial, int N, int C, int H, int W, float dmax,          \
+                                      int early_dependents) {                                          \
+        backward<T, CPT, true>(tokens, masks, dout, partial, N, C, H, W, dmax, early_dependents);      \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) reduce_tile_gradients(                       \
         const T* tokens, const unsigned* masks, const float* partial, float* grad, int B, int N, int C, \
         int H, int W, float dmax) {                                                                    \
         reduce_tiles<T>(tokens, masks, partial, grad, B, N, C, H, W, dmax);                            \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) cast_gradient(const float* grad, T* out, long long n) { \
+        cast_values<T>(grad, out, n);                                                                  \
     }
