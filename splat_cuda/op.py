@@ -13,7 +13,7 @@ Every kernel covers the whole batch in one launch on PyTorch's current stream, a
 kernel before it on sm_90 and newer (its launch overlaps that kernel's last blocks); the ops allocate only through
 PyTorch and never synchronise with the host, so they work in eager mode, under `torch.compile(fullgraph=True)` (the
 fake implementations give shapes) and inside CUDA-graph capture (after a first eager call has compiled and loaded
-the kernels).
+the kernels). `SPLAT_CUDA_DEPENDENT_LAUNCH=0` launches them as ordinary kernels instead.
 
 Accumulation is fp32 whatever the token dtype; the output has the tokens' dtype, and so does the
 gradient (computed in fp32, then cast). The default backward adds per-tile partial gradients with
