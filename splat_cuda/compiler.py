@@ -36,6 +36,10 @@ MAX_TOKENS = 32 * THREADS
 # other GPUs.
 MIN_BLOCKS = {4: (4, 3), 8: (4, 3), 16: (4, 2), 32: (3, 3), 64: (2, 2)}
 
+# The entry points of every variant (extern "C" in kernels/render.cu).
+KERNEL_NAMES = ("render_forward", "render_backward", "render_backward_deterministic", "reduce_tile_gradients",
+                "cast_gradient")
+
 # Oldest architecture the kernels are written for (warp shuffles with masks, float atomics).
 MIN_COMPUTE_CAPABILITY = (7, 0)
 
@@ -113,9 +117,8 @@ def device_arch(device_index: int) -> str:
 @lru_cache(maxsize=None)
 def load_kernels(device_index: int, dtype_name: str, cpt: int) -> KernelSet:
     """Compile (or fetch from the cache) and load one variant on a device."""
-    names = ("render_forward", "render_backward", "render_backward_deterministic", "reduce_tile_gradients",
-             "cast_gradient")
-    kernels = nvrtc.load_module(device_index, lambda: cached_cubin(dtype_name, cpt, device_arch(device_index)), names)
+    kernels = nvrtc.load_module(device_index, lambda: cached_cubin(dtype_name, cpt, device_arch(device_index)),
+                                KERNEL_NAMES)
     for name, backward in (("render_forward", False), ("render_backward", True),
                            ("render_backward_deterministic", True)):
         _allow_shared_memory(kernels[name], shared_memory_bytes(cpt, backward), device_index)
