@@ -190,6 +190,26 @@ def test_half_precision_map_is_the_float32_map_rounded(dtype, size, channels):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size, channels", [((48, 64), 16), ((48, 40), 8), ((37, 50), 3), ((32, 33), 32),
+                                            ((32, 48), 64), ((36, 40), 40)])
+def test_half_precision_gradient_is_the_float32_kernels(dtype, size, channels):
+    """The 16-bit backward converts dL/dout and the tokens to float32 as it reads them and computes in float32, so its
+    float32 accumulator equals the float32 kernels' on the same (16-bit) values, up to the order of the atomic adds
+    (whole and edge tiles, odd widths, channel counts equal to a padding or not)."""
+    from splat_cuda import op
+
+    tokens = random_tokens(2, 150, channels, rho=0.9, seed=31).to(dtype)
+    gout = torch.randn(2, channels, *size, device="cuda").to(dtype)
+    _, masks, half_sum = op.render_forward(tokens, *size, 3.0, False, True)
+    op.render_backward_accumulate(tokens, masks, gout, half_sum, *size, 3.0)
+    _, masks, float_sum = op.render_forward(tokens.float(), *size, 3.0, False, True)
+    op.render_backward_accumulate(tokens.float(), masks, gout.float(), float_sum, *size, 3.0)
+    assert float_sum.abs().max() > 0.1
+    torch.testing.assert_close(half_sum, float_sum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
 def test_deterministic_mode_is_bitwise_repeatable():
     tokens = random_tokens(4, 500, 32, rho=0.9, seed=8)
     gout = torch.randn(4, 32, 64, 64, device="cuda")
