@@ -27,6 +27,9 @@
 //   per-lane partial sums are reduced across the half-warp once per (tile, token) and then either added
 //   atomically to dL/dtokens or, in deterministic mode, stored in a per-tile buffer that `reduce_tile_gradients`
 //   sums in a fixed tile order (the tiles come from the masks).
+// `cast_gradient`: the float32 gradient in the tokens' 16-bit dtype.
+// On sm_90 and newer every kernel is launched as a programmatic dependent of the kernel before it (see
+// "programmatic dependent launch" below).
 //
 // Entry points are extern "C" (no name mangling), instantiated per (dtype, CPT) by the host (see the
 // end of this file). CPT is the channel count padded to 4, 8, 16, 32 or 64.
