@@ -59,8 +59,8 @@ def _backward_grid(tokens: torch.Tensor, height: int, width: int, cpt: int) -> t
     its blocks have started (`early_dependents`): only when the grid spans more than one wave of blocks. A grid of
     one wave starts all its blocks at once, and a dependent launched then has its blocks wait on the first SMs to
     free up, as many per SM as fit, which leaves the other SMs idle once it runs (measured on an H200 with the
-    forward after the backward of the one-wave M128 batch, about 4 blocks per SM on half the SMs: fwd+bwd 12.7 ->
-    14.2 us; at B64 N256 C32, 3 waves, the early launch gains 0.3-0.5 us; benchmarks/RESULTS.md)."""
+    forward after the backward of the one-wave M128 batch, about 4 blocks per SM on half the SMs: fwd+bwd 12.6 ->
+    14.0-14.3 us; at B64 N256 C32, 3 waves, the early launch gains 0.3-0.5 us; benchmarks/RESULTS.md)."""
     grid = (_tiles(height, width), tokens.shape[0])
     sms = torch.cuda.get_device_properties(tokens.device).multi_processor_count
     return grid, np.int32(grid[0] * grid[1] > sms * min_blocks(cpt)[1])
